@@ -1,0 +1,4 @@
+"""Checkpoint stability: how much do few-shot scores jump between neighbouring pretraining
+checkpoints, and how much do checkpoint averaging and ensembling steady them."""
+
+__version__ = "0.1.0"

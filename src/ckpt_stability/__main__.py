@@ -1,0 +1,3 @@
+from ckpt_stability.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,513 @@
+"""Checkpoint averaging: the uniform mean of the weights of n checkpoints, streamed with bounded memory.
+
+Definition (bit for bit)
+------------------------
+For every floating-point tensor, with x_1 ... x_n its values in the members in the order given
+(oldest first, the last member is the newest)::
+
+    acc  = x_1 + x_2 + ... + x_n    element-wise, summed left to right, in float32
+                                    (in float64 when the members store the tensor as float64)
+    mean = acc / n                  one IEEE division in the same precision
+    out  = mean cast to the output dtype, rounding to nearest, ties to even
+
+The output dtype is the members' dtype of that tensor unless ``dtype`` asks for another one; a
+float64 mean bound for a narrower dtype is rounded to float32 first, as torch's ``.to()`` does. The
+result is bitwise what torch gives for ``((x_1.float() + ... + x_n.float()) / n).to(out_dtype)``, but
+it is computed with numpy alone: no torch import, since every workflow job is a fresh process.
+Integer and bool tensors (buffers, step counters) are not averaged: they must be identical in every
+member and are copied from the newest one.
+
+Refused, with an InputError naming the checkpoint file and the tensor: fewer than two members, a
+member given twice, an incomplete member (missing or truncated shard, bad index: see
+``checkpoints.incomplete_reason``), tensor names, shapes or dtypes that differ between members,
+integer tensors that differ, a dtype that cannot be averaged (float8), and a result that is NaN or
+infinite (a NaN or Inf in a member, or a mean beyond the range of the output dtype).
+
+Memory and speed
+----------------
+Tensors are cut into chunks of ``CHUNK_ELEMENTS`` elements. A chunk is read from each member with
+``os.preadv`` into a reused buffer, added into a float32 accumulator, rounded to the output dtype and
+written at its final place in the output with ``os.pwrite``. Nothing is memory-mapped: touched mapped
+pages count in the RSS for as long as the mapping lives. Peak memory is therefore a few chunk buffers
+per thread whatever the size of the model, and checkpoints larger than RAM average fine. Chunks are
+processed by a pool of threads (numpy and the ``os`` calls release the GIL); a chunk's buffers are
+small enough to stay in the CPU caches between the passes over it.
+
+Output
+------
+``model.safetensors``, or shards ``model-00001-of-0000N.safetensors`` of at most ``max_shard_size``
+bytes (a tensor larger than that gets a shard of its own) with ``model.safetensors.index.json``. The
+layout follows from the members' headers alone, so each file's header is written first and the data
+streamed after it. Tensors are stored by element size, largest first, then by name, as the
+safetensors library does, so that every tensor is aligned to its element size. Every other file of
+the newest member (config.json, generation_config.json, the tokenizer files) is copied, except weight
+and training-state files (``NOT_COPIED_SUFFIXES``); with ``dtype`` given, the dtype recorded in
+config.json is set to it. ``averaging.json`` records the members, their steps, the dtype, the tool
+version and the definition above.
+
+Everything is written into a hidden temporary directory renamed into place at the end
+(``atomic.atomic_directory``): a killed job leaves no output that looks complete. An existing output
+directory is replaced only when it is empty or holds an average of exactly the same member
+directories, per its averaging.json (a rerun, with another dtype for instance; the average is always
+recomputed, as the members may have been rewritten since); anything else there is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_stability import __version__
+from ckpt_stability.atomic import atomic_directory
+from ckpt_stability.checkpoints import (
+    DTYPE_SIZES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    SafetensorsHeader,
+    TensorEntry,
+    read_checkpoint_headers,
+)
+from ckpt_stability.errors import InputError
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_FILE = "averaging.json"
+DEFINITION = (
+    "uniform mean per floating-point tensor: acc = x_1 + ... + x_n summed left to right in member order "
+    "in float32 (float64 for float64 tensors), mean = acc / n, cast to the output dtype rounding to "
+    "nearest, ties to even; integer and bool tensors must be identical in all members and are copied "
+    "from the newest"
+)
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+CHUNK_ELEMENTS = 1 << 18
+"""elements per unit of work: large enough to amortise the per-call overhead, small enough that a
+chunk's buffers (1 MiB of float32) stay in the CPU caches between the passes over it"""
+MAX_THREADS = 8
+"""beyond a few threads memory bandwidth, not cores, is the limit"""
+
+OUTPUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+COPIED_DTYPES = {"I64", "I32", "I16", "I8", "U64", "U32", "U16", "U8", "BOOL"}
+OVERFLOW = {
+    "F64": math.inf,
+    "F32": math.inf,
+    "F16": 65520.0,  # halfway between the largest float16, 65504, and 65536: rounds to infinity
+    "BF16": float(np.uint32(0x7F7F8000).view(np.float32)),  # likewise for bfloat16
+}
+"""the smallest magnitude that the cast to each output dtype rounds to infinity"""
+NOT_COPIED_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".ckpt", ".pkl", ".npy",
+                       ".npz", ".h5", ".msgpack", ".gguf")
+"""weights and training state (optimizer, scheduler, RNG): they do not describe the average"""
+
+
+Table = dict[str, tuple[SafetensorsHeader, TensorEntry]]
+"""one checkpoint's tensors: name -> (its file's header, its entry)"""
+
+
+@dataclass(frozen=True)
+class _Source:
+    path: Path
+    begin: int
+    """absolute byte offset of the tensor's data in ``path``"""
+
+
+@dataclass(frozen=True)
+class _Tensor:
+    """One output tensor: where every member holds it, and where it goes."""
+
+    name: str
+    shape: tuple[int, ...]
+    in_dtype: str
+    out_dtype: str
+    sources: tuple[_Source, ...]
+    """one per member, oldest first"""
+    shard: int
+    offset: int
+    """absolute byte offset of its data in the output shard"""
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+    def position(self, index: int) -> list[int]:
+        """The multi-index of flat element ``index``, for messages."""
+        return [int(i) for i in np.unravel_index(index, self.shape)] if self.shape else []
+
+
+@dataclass(frozen=True)
+class _Shard:
+    name: str
+    header: bytes
+    """the 8-byte length and the JSON header, padded"""
+    size: int
+    """bytes of tensor data after the header"""
+
+
+def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None = None,
+                        max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
+                        threads: int | None = None) -> dict:
+    """Write the uniform mean of ``members`` (checkpoint directories, oldest first) to ``output``.
+
+    ``dtype``: None keeps each tensor's dtype, or "float32", "bfloat16", "float16" for every
+    floating-point tensor. ``steps``: the members' steps, recorded in averaging.json. ``threads``:
+    default, the CPUs this process may run on (at most ``MAX_THREADS``). See the module docstring for
+    the definition and the refusals. Returns a summary: tensors, bytes, files, seconds.
+    """
+    started = time.perf_counter()
+    members = [Path(member) for member in members]
+    output = Path(output)
+    _check_arguments(members, dtype, max_shard_size, steps)
+    tables = [read_checkpoint_headers(member) for member in members]
+    _check_agreement(members, tables)
+    _check_output(output, members)
+    tensors, shards = _plan_output(tables, OUTPUT_DTYPES.get(dtype), max_shard_size)
+    total = sum(shard.size for shard in shards)
+    threads = threads or min(MAX_THREADS, _usable_cpus())
+    log.info("averaging %d checkpoints (%s ... %s): %d tensors, %.2f GB out, %d thread(s)",
+             len(members), members[0], members[-1], len(tensors), total / 1e9, threads)
+    with atomic_directory(output) as tmp:
+        _Averager(tensors, shards, tmp).run(threads)
+        if len(shards) > 1:
+            _write_index(tmp / INDEX_FILE, tensors, shards, total)
+        _copy_support_files(members[-1], tmp, dtype)
+        _write_provenance(tmp / PROVENANCE_FILE, members, steps, dtype, len(tensors), total)
+    seconds = time.perf_counter() - started
+    read = len(members) * sum(tensor.count * DTYPE_SIZES[tensor.in_dtype] for tensor in tensors)
+    log.info("wrote %s in %.1f s (%.2f GB/s read)", output, seconds, read / max(seconds, 1e-9) / 1e9)
+    return {"output": str(output), "members": len(members), "tensors": len(tensors), "bytes": total,
+            "files": [shard.name for shard in shards], "seconds": round(seconds, 3)}
+
+
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its Slurm or cgroup allocation) where the OS tells."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _check_arguments(members: list[Path], dtype: str | None, max_shard_size: int,
+                     steps: list[int] | None) -> None:
+    if len(members) < 2:
+        raise InputError(f"averaging needs at least 2 checkpoints, got {len(members)}: "
+                         f"{', '.join(map(str, members)) or 'none'}")
+    seen: dict[Path, Path] = {}
+    for member in members:
+        resolved = member.resolve()
+        if resolved in seen:
+            raise InputError(f"{member}: checkpoint given twice (also as {seen[resolved]})")
+        seen[resolved] = member
+    if dtype is not None and dtype not in OUTPUT_DTYPES:
+        raise InputError(f"dtype {dtype!r} is not one of {', '.join(OUTPUT_DTYPES)}")
+    if max_shard_size <= 0:
+        raise InputError(f"max_shard_size must be positive, got {max_shard_size}")
+    if steps is not None and len(steps) != len(members):
+        raise InputError(f"{len(steps)} steps ({steps}) given for {len(members)} checkpoints")
+
+
+def _check_agreement(members: list[Path], tables: list[Table]) -> None:
+    """Every member holds the newest member's tensors, with the same shapes and dtypes."""
+    newest_dir, newest = members[-1], tables[-1]
+    for member, table in zip(members[:-1], tables[:-1]):
+        missing, extra = sorted(newest.keys() - table.keys()), sorted(table.keys() - newest.keys())
+        if missing:
+            raise InputError(f"{member}: tensor {missing[0]!r} is missing{_more(missing)} (the newest "
+                             f"checkpoint {newest_dir} has it)")
+        if extra:
+            raise InputError(f"{member}: has tensor {extra[0]!r}{_more(extra)}, which the newest checkpoint "
+                             f"{newest_dir} lacks")
+        for name in sorted(table):
+            (header, entry), (newest_header, newest_entry) = table[name], newest[name]
+            if entry.dtype != newest_entry.dtype:
+                raise InputError(f"{header.path}: tensor {name!r} is {entry.dtype}, but "
+                                 f"{newest_entry.dtype} in {newest_header.path}")
+            if entry.shape != newest_entry.shape:
+                raise InputError(f"{header.path}: tensor {name!r} has shape {list(entry.shape)}, but "
+                                 f"{list(newest_entry.shape)} in {newest_header.path}")
+    for name in sorted(newest):
+        header, entry = newest[name]
+        if entry.dtype not in FLOAT_DTYPES | COPIED_DTYPES:
+            raise InputError(f"{header.path}: tensor {name!r} has dtype {entry.dtype}, which cannot be averaged")
+
+
+def _more(names: list[str]) -> str:
+    return f" (and {len(names) - 1} more)" if len(names) > 1 else ""
+
+
+def _check_output(output: Path, members: list[Path]) -> None:
+    """Refuse to replace anything but an empty directory or an average of the same members."""
+    if not output.exists():
+        return
+    if not output.is_dir():
+        raise InputError(f"{output}: the output exists and is not a directory")
+    if not any(output.iterdir()):
+        return
+    provenance = output / PROVENANCE_FILE
+    try:
+        entries = json.loads(provenance.read_text(encoding="utf-8"))["members"]
+        recorded = [Path(entry["path"]) for entry in entries]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{output}: already holds something other than an average (no valid "
+                         f"{PROVENANCE_FILE}); refusing to overwrite it") from None
+    if recorded != [member.resolve() for member in members]:
+        raise InputError(f"{output}: already holds the average of other checkpoints "
+                         f"({', '.join(map(str, recorded))}); refusing to overwrite it")
+    log.info("%s holds an average of the same checkpoints: recomputing it", output)
+
+
+def _plan_output(tables: list[Table], requested: str | None,
+                 max_shard_size: int) -> tuple[list[_Tensor], list[_Shard]]:
+    """The output's tensors (in data order) and shards, from the members' headers alone."""
+    newest = tables[-1]
+
+    def out_dtype(name: str) -> str:
+        dtype = newest[name][1].dtype
+        return requested if requested and dtype in FLOAT_DTYPES else dtype
+
+    def nbytes(name: str) -> int:
+        return math.prod(newest[name][1].shape) * DTYPE_SIZES[out_dtype(name)]
+
+    order = sorted(newest, key=lambda name: (-DTYPE_SIZES[out_dtype(name)], name))
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name in order:
+        if groups[-1] and size + nbytes(name) > max_shard_size:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += nbytes(name)
+
+    tensors, shards = [], []
+    for number, names in enumerate(groups):
+        shard_name = (SINGLE_FILE if len(groups) == 1
+                      else f"model-{number + 1:05d}-of-{len(groups):05d}.safetensors")
+        header: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        begin = 0
+        for name in names:
+            shape = newest[name][1].shape
+            header[name] = {"dtype": out_dtype(name), "shape": list(shape),
+                            "data_offsets": [begin, begin + nbytes(name)]}
+            begin += nbytes(name)
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # like safetensors: the data starts 8-byte aligned
+        shards.append(_Shard(shard_name, struct.pack("<Q", len(text)) + text, begin))
+        data_start = 8 + len(text)
+        for name in names:
+            entries = [table[name][1] for table in tables]
+            tensors.append(_Tensor(
+                name=name, shape=entries[-1].shape, in_dtype=entries[-1].dtype, out_dtype=out_dtype(name),
+                sources=tuple(_Source(table[name][0].path, entry.begin)
+                              for table, entry in zip(tables, entries)),
+                shard=number, offset=data_start + header[name]["data_offsets"][0],
+            ))
+    return tensors, shards
+
+
+class _Scratch:
+    """One thread's buffers, allocated once; a chunk of any dtype fits in each."""
+
+    def __init__(self) -> None:
+        size = CHUNK_ELEMENTS * 8
+        self.raw, self.other, self.acc, self.wide, self.bits, self.out = (
+            np.empty(size, np.uint8) for _ in range(6))
+
+
+class _Averager:
+    """Reads, averages and writes the chunks of every tensor on a pool of threads."""
+
+    def __init__(self, tensors: list[_Tensor], shards: list[_Shard], directory: Path) -> None:
+        self.tensors = tensors
+        self.shards = shards
+        self.directory = directory
+        self.inputs: dict[Path, int] = {}
+        self.outputs: list[int] = []
+        self.local = threading.local()
+
+    def run(self, threads: int) -> None:
+        try:
+            for tensor in self.tensors:
+                for source in tensor.sources:
+                    if source.path not in self.inputs:
+                        self.inputs[source.path] = os.open(source.path, os.O_RDONLY)
+            for shard in self.shards:
+                fd = os.open(self.directory / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                self.outputs.append(fd)
+                _write(fd, shard.header, 0)
+            pool = ThreadPoolExecutor(threads, thread_name_prefix="average")
+            pending: deque[Future] = deque()
+            try:
+                # a bounded queue of chunks, waited for in data order: the error reported is the first
+                # one in data order, and a model of a million chunks does not make a million futures
+                for tensor in self.tensors:
+                    for start in range(0, tensor.count, CHUNK_ELEMENTS):
+                        if len(pending) == 4 * threads:
+                            pending.popleft().result()
+                        stop = min(start + CHUNK_ELEMENTS, tensor.count)
+                        pending.append(pool.submit(self._process, tensor, start, stop))
+                while pending:
+                    pending.popleft().result()
+            finally:
+                pool.shutdown(cancel_futures=True)
+        finally:
+            for fd in [*self.inputs.values(), *self.outputs]:
+                os.close(fd)
+
+    def _process(self, tensor: _Tensor, start: int, stop: int) -> None:
+        scratch = getattr(self.local, "scratch", None)
+        if scratch is None:
+            scratch = self.local.scratch = _Scratch()
+        if tensor.in_dtype in FLOAT_DTYPES:
+            with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused below
+                data = self._average_chunk(tensor, start, stop, scratch)
+        else:
+            data = self._copy_chunk(tensor, start, stop, scratch)
+        _write(self.outputs[tensor.shard], data, tensor.offset + start * DTYPE_SIZES[tensor.out_dtype])
+
+    def _average_chunk(self, tensor: _Tensor, start: int, stop: int, scratch: _Scratch) -> np.ndarray:
+        count = stop - start
+        acc_dtype = np.float64 if tensor.in_dtype == "F64" else np.float32
+        acc = scratch.acc[: count * np.dtype(acc_dtype).itemsize].view(acc_dtype)
+        for member in range(len(tensor.sources)):
+            values = _widen(self._read(tensor, member, start, stop, scratch.raw), tensor.in_dtype, scratch.wide)
+            if member == 0:
+                np.copyto(acc, values)
+            else:
+                np.add(acc, values, out=acc)
+        np.divide(acc, acc_dtype(len(tensor.sources)), out=acc)
+        mean = acc
+        if acc_dtype is np.float64 and tensor.out_dtype != "F64":
+            mean = scratch.wide[: count * 4].view(np.float32)
+            np.copyto(mean, acc, casting="same_kind")
+        limit = OVERFLOW[tensor.out_dtype]
+        # min and max propagate NaN, so this one test catches NaN, Inf and overflow in the cast
+        if not (-limit < mean.min() and mean.max() < limit):
+            self._refuse_non_finite(tensor, start, mean, limit)
+        return _narrow(mean, tensor.out_dtype, scratch.out, scratch.bits)
+
+    def _copy_chunk(self, tensor: _Tensor, start: int, stop: int, scratch: _Scratch) -> np.ndarray:
+        newest = self._read(tensor, len(tensor.sources) - 1, start, stop, scratch.raw)
+        for member in range(len(tensor.sources) - 1):
+            other = self._read(tensor, member, start, stop, scratch.other)
+            if not np.array_equal(other, newest):
+                index = start + int(np.flatnonzero(other != newest)[0]) // DTYPE_SIZES[tensor.in_dtype]
+                raise InputError(
+                    f"{tensor.sources[member].path}: {tensor.in_dtype} tensor {tensor.name!r} differs at "
+                    f"{tensor.position(index)} from the newest checkpoint's ({tensor.sources[-1].path}); "
+                    f"integer and bool tensors are copied, not averaged, and must agree")
+        return newest
+
+    def _read(self, tensor: _Tensor, member: int, start: int, stop: int, buffer: np.ndarray) -> np.ndarray:
+        """Elements [start, stop) of ``tensor`` in ``member``, as raw bytes in ``buffer``."""
+        size = DTYPE_SIZES[tensor.in_dtype]
+        source = tensor.sources[member]
+        view = buffer[: (stop - start) * size]
+        offset = source.begin + start * size
+        done = 0
+        while done < view.size:
+            got = os.preadv(self.inputs[source.path], [view[done:]], offset + done)
+            if got == 0:
+                raise InputError(f"{source.path}: the file ends within tensor {tensor.name!r} "
+                                 f"(truncated while being read?)")
+            done += got
+        return view
+
+    def _refuse_non_finite(self, tensor: _Tensor, start: int, mean: np.ndarray, limit: float) -> None:
+        index = start + int(np.flatnonzero(~(np.abs(mean) < limit))[0])
+        position = tensor.position(index)
+        values = [_widen(self._read(tensor, member, index, index + 1, np.empty(8, np.uint8)),
+                         tensor.in_dtype, np.empty(8, np.uint8))[0]
+                  for member in range(len(tensor.sources))]
+        for source, value in zip(tensor.sources, values):
+            if not np.isfinite(value):
+                raise InputError(f"{source.path}: tensor {tensor.name!r} holds {value} at {position}, "
+                                 f"which makes the average non-finite")
+        paths = ", ".join(str(source.path) for source in tensor.sources)
+        raise InputError(f"tensor {tensor.name!r}: the mean at {position} of the values "
+                         f"{[float(value) for value in values]} in {paths} is "
+                         f"{float(mean[index - start])}, beyond the range of {tensor.out_dtype}")
+
+
+def _widen(raw: np.ndarray, dtype: str, scratch: np.ndarray) -> np.ndarray:
+    """The bytes ``raw`` of ``dtype`` as values of the accumulator's dtype (float32 or float64)."""
+    if dtype == "F64":
+        return raw.view(np.float64)
+    if dtype == "F32":
+        return raw.view(np.float32)
+    wide = scratch[: raw.size * 2].view(np.float32)
+    if dtype == "F16":
+        np.copyto(wide, raw.view(np.float16))
+    else:  # BF16 is the high half of a float32
+        np.left_shift(raw.view(np.uint16), np.uint32(16), out=wide.view(np.uint32), dtype=np.uint32)
+    return wide
+
+
+def _narrow(mean: np.ndarray, dtype: str, out: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """``mean`` (float64 for F64, float32 otherwise) rounded to ``dtype``, nearest even, as bytes."""
+    if dtype in ("F32", "F64"):
+        return mean.view(np.uint8)
+    result = out[: mean.size * 2].view(np.float16 if dtype == "F16" else np.uint16)
+    if dtype == "F16":
+        np.copyto(result, mean, casting="same_kind")
+    else:
+        # BF16: add 0x7FFF plus the lowest kept bit, then drop the 16 low bits. No overflow: NaN and
+        # Inf, the only patterns that could wrap around, were refused before.
+        word, rounded = mean.view(np.uint32), bits[: mean.size * 4].view(np.uint32)
+        np.right_shift(word, 16, out=rounded)
+        np.bitwise_and(rounded, 1, out=rounded)
+        np.add(rounded, 0x7FFF, out=rounded)
+        np.add(rounded, word, out=rounded)
+        np.right_shift(rounded, 16, out=rounded)
+        np.copyto(result, rounded, casting="unsafe")
+    return result.view(np.uint8)
+
+
+def _write(fd: int, data: bytes | np.ndarray, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while len(view):
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _write_index(path: Path, tensors: list[_Tensor], shards: list[_Shard], total: int) -> None:
+    weight_map = {tensor.name: shards[tensor.shard].name for tensor in sorted(tensors, key=lambda t: t.name)}
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    path.write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_support_files(newest: Path, target: Path, dtype: str | None) -> None:
+    """Copy the newest member's config, tokenizer and other files; not weights or training state."""
+    for source in sorted(newest.iterdir()):
+        skipped = source.name == PROVENANCE_FILE or source.name.endswith(NOT_COPIED_SUFFIXES)
+        if source.is_file() and not skipped:
+            shutil.copyfile(source, target / source.name)
+    config_path = target / "config.json"
+    if dtype is not None:
+        # the stored dtype is what from_pretrained(dtype="auto") and vLLM load the weights as
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        for key in [key for key in ("dtype", "torch_dtype") if key in config] or ["dtype"]:
+            config[key] = dtype
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _write_provenance(path: Path, members: list[Path], steps: list[int] | None, dtype: str | None,
+                      tensors: int, total: int) -> None:
+    provenance = {
+        "tool": "ckpt-stability average",
+        "version": __version__,
+        "definition": DEFINITION,
+        "members": [{"path": str(member.resolve()), "step": None if steps is None else steps[number]}
+                    for number, member in enumerate(members)],
+        "dtype": dtype,
+        "tensors": tensors,
+        "bytes": total,
+    }
+    path.write_text(json.dumps(provenance, indent=2) + "\n", encoding="utf-8")

@@ -1,0 +1,69 @@
+"""The one small interface every inference backend implements."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+class Backend(ABC):
+    """A loaded model that answers prompts.
+
+    Prompts are complete strings (see ``prompts``); everything is greedy and deterministic."""
+
+    name: str
+
+    @abstractmethod
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        """Greedy continuation of each prompt, up to ``max_new_tokens`` tokens, cut before the first stop
+        string."""
+
+    @abstractmethod
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        """``[len(prompts), len(choices)]``: the summed log-probability of each choice's tokens after each
+        prompt. The choice tokens are those of ``tokenize(prompt + choice)`` past ``tokenize(prompt)``."""
+
+    @abstractmethod
+    def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        """Summed negative log-likelihood (nats) of every predicted token of the texts, and their count."""
+
+    @abstractmethod
+    def provenance(self) -> dict:
+        """What produced the outputs: backend, library versions, device, dtype."""
+
+    def close(self) -> None:
+        """Release the model (and the GPU)."""
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """The text before the earliest stop string."""
+    cut = len(text)
+    for marker in stop:
+        position = text.find(marker)
+        if position != -1:
+            cut = min(cut, position)
+    return text[:cut]
+
+
+def continuation_split(prompt_ids: list[int], whole_ids: list[int]) -> int:
+    """Where the choice's tokens start in ``tokenize(prompt + choice)``: after as many tokens as the
+    prompt alone has (lm-evaluation-harness's convention, so that a merge across the boundary counts
+    towards the choice)."""
+    return min(len(prompt_ids), len(whole_ids) - 1)
+
+
+def inference_dtype(requested: str, on_gpu: bool, model_dir: str) -> str:
+    """``auto``: float32 on the CPU (16-bit matmuls are slow there, and float32 keeps the CPU scores
+    comparable across machines); on a GPU the checkpoint's 16-bit dtype, or bfloat16 for a float32
+    checkpoint. The same rule for every backend, so that their scores are comparable."""
+    if requested != "auto":
+        return requested
+    if not on_gpu:
+        return "float32"
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in ("bfloat16", "float16") else "bfloat16"

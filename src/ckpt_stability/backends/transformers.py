@@ -1,0 +1,171 @@
+"""The transformers backend: batched inference on the CPU or a GPU, the fallback everywhere.
+
+``choice`` scoring runs each prompt once and keeps its key/value cache; the choices are then scored
+together on top of that cache, so a prompt costs one forward pass however many choices it has.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from ckpt_stability.backends.base import Backend, continuation_split, cut_at_stop, inference_dtype
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", batch_size: int = 16, threads: int | None = None,
+                 device: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_size = batch_size
+        self.torch_dtype = getattr(torch, inference_dtype(dtype, self.device != "cpu", model_dir))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        self.pad_id = self.tokenizer.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.torch_dtype).to(self.device).eval()
+
+    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
+        """Indices in batches of similar length (longest first), to waste little on padding."""
+        order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+        for start in range(0, len(order), self.batch_size):
+            yield order[start:start + self.batch_size]
+
+    def _pad(self, sequences: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids and attention mask of a batch, padded on the left (prompts to continue) or on the
+        right (continuations of a cached prefix, texts to score)."""
+        width = max(map(len, sequences))
+        ids = torch.full((len(sequences), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(sequences), width), dtype=torch.long)
+        for row, sequence in enumerate(sequences):
+            columns = slice(width - len(sequence), width) if left else slice(0, len(sequence))
+            ids[row, columns] = torch.tensor(sequence)
+            mask[row, columns] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        from transformers import GenerationConfig
+
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
+        )
+        encoded = self._encode(prompts)
+        outputs: list[str] = [""] * len(prompts)
+        for batch in self._batches([len(ids) for ids in encoded]):
+            ids, mask = self._pad([encoded[i] for i in batch], left=True)
+            generated = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+            texts = self.tokenizer.batch_decode(generated[:, ids.shape[1]:], skip_special_tokens=True)
+            for index, text in zip(batch, texts):
+                outputs[index] = cut_at_stop(text, stop)
+        return outputs
+
+    @torch.inference_mode()
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        prompt_ids = self._encode(prompts)
+        whole_ids = self._encode([prompt + choice for prompt in prompts for choice in choices])
+        n_choices = len(choices)
+        result = np.zeros((len(prompts), n_choices))
+        for batch in self._batches([len(ids) for ids in prompt_ids]):
+            wholes = [[whole_ids[i * n_choices + c] for c in range(n_choices)] for i in batch]
+            starts = [[continuation_split(prompt_ids[i], whole) for whole in example]
+                      for i, example in zip(batch, wholes)]
+            scores = self._score_on_shared_prefix(wholes, starts)
+            for row, index in enumerate(batch):
+                result[index] = scores[row]
+        return result
+
+    def _score_on_shared_prefix(self, wholes: list[list[list[int]]], starts: list[list[int]]) -> np.ndarray:
+        """Score ``whole[start:]`` for every (example, choice), running each example's shared prefix once.
+
+        The prefix of an example is the longest common prefix of its choices' token sequences, cut
+        before its earliest scored token. It is run once (left-padded across the batch); its cache is
+        repeated for each choice, and the choices' remaining tokens run on top of it (right-padded)."""
+        n_examples, n_choices = len(wholes), len(wholes[0])
+        prefix_lengths = []
+        for example, example_starts in zip(wholes, starts):
+            common = min(map(len, example))
+            for position in range(common):
+                if len({whole[position] for whole in example}) > 1:
+                    common = position
+                    break
+            prefix_lengths.append(max(1, min(common, min(example_starts))))
+        prefix_ids, prefix_mask = self._pad([ex[0][:p] for ex, p in zip(wholes, prefix_lengths)], left=True)
+        prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
+                            use_cache=True)
+        last_logprobs = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)
+        cache = prefix.past_key_values
+        cache.batch_repeat_interleave(n_choices)
+
+        suffixes = [whole[p:] for example, p in zip(wholes, prefix_lengths) for whole in example]
+        suffix_ids, suffix_mask = self._pad(suffixes, left=False)
+        width = suffix_ids.shape[1]
+        lengths = torch.tensor(prefix_lengths, device=self.device).repeat_interleave(n_choices)
+        positions = lengths[:, None] + torch.arange(width, device=self.device)[None, :]
+        mask = torch.cat([prefix_mask.repeat_interleave(n_choices, dim=0), suffix_mask], dim=1)
+        suffix = self.model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions,
+                            past_key_values=cache, use_cache=True)
+        suffix_logprobs = torch.log_softmax(suffix.logits.float(), dim=-1)
+
+        scores = np.zeros((n_examples, n_choices))
+        for row, (suffix_tokens) in enumerate(suffixes):
+            example, choice = divmod(row, n_choices)
+            first_scored = starts[example][choice] - prefix_lengths[example]
+            total = 0.0
+            for offset in range(first_scored, len(suffix_tokens)):
+                token = suffix_tokens[offset]
+                if offset == 0:
+                    total += last_logprobs[example, token].item()
+                else:
+                    total += suffix_logprobs[row, offset - 1, token].item()
+            scores[example, choice] = total
+        return scores
+
+    @torch.inference_mode()
+    def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        window = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        chunks = []
+        for ids in self._encode(texts):
+            # non-overlapping windows; each window's first token is context only
+            chunks.extend(ids[start:start + window] for start in range(0, len(ids) - 1, window - 1))
+        total, count = 0.0, 0
+        for batch in self._batches([len(chunk) for chunk in chunks]):
+            ids, mask = self._pad([chunks[i] for i in batch], left=False)
+            logits = self.model(input_ids=ids, attention_mask=mask).logits.float()
+            logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0]
+            valid = mask[:, 1:].bool()
+            total -= logprobs[valid].sum().item()
+            count += int(valid.sum().item())
+        return total, count
+
+    def provenance(self) -> dict:
+        import transformers
+
+        return {
+            "backend": self.name,
+            "device": self.device if self.device == "cpu" else torch.cuda.get_device_name(),
+            "dtype": str(self.torch_dtype).removeprefix("torch."),
+            "batch_size": self.batch_size,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "threads": torch.get_num_threads() if self.device == "cpu" else None,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def close(self) -> None:
+        del self.model
+        if self.device != "cpu":
+            torch.cuda.empty_cache()

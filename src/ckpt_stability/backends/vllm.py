@@ -1,0 +1,120 @@
+"""The vLLM backend: offline ``vllm.LLM`` on a GPU, one model per process.
+
+* ``generate``: greedy decoding (``temperature=0``) with the stop strings; the few-shot prefix shared by
+  a task's prompts is served from vLLM's prefix cache.
+* ``choice``: prompt log-probabilities of ``tokenize(prompt + choice)``; the choice's tokens are those past
+  ``tokenize(prompt)``, as in the transformers backend. These requests never read the prefix cache: a
+  cached prefix has no logits, so vLLM (V1) recomputes requests that ask for prompt log-probabilities,
+  and they say so explicitly here where the installed vLLM knows the option.
+* The torch.compile cache is shared by all checkpoints of one architecture: vLLM keys its cache by the
+  model path among others, so every checkpoint would compile anew; here the directory is keyed by the
+  architecture (config.json without paths), the dtype and the library versions instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_stability.backends.base import Backend, continuation_split, cut_at_stop, inference_dtype
+from ckpt_stability.checkpoints import architecture, read_config
+
+def compile_cache_dir(model_dir: str, dtype: str) -> Path:
+    import torch
+    import vllm
+
+    key = json.dumps([architecture(read_config(model_dir)), dtype, vllm.__version__, torch.__version__],
+                     sort_keys=True)
+    root = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm"))
+    return root / "ckpt-stability-compile" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+class VllmBackend(Backend):
+    name = "vllm"
+
+    def __init__(self, model_dir: str, *, dtype: str = "auto", seed: int = 0, **engine_options):
+        from vllm import LLM
+
+        dtype = inference_dtype(dtype, True, model_dir)
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype,
+            seed=seed,
+            enable_prefix_caching=True,
+            compilation_config={"cache_dir": str(compile_cache_dir(model_dir, dtype))},
+            **engine_options,
+        )
+        self.tokenizer = self.llm.get_tokenizer()
+
+    def _params(self, **options):
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, seed=0, **options)
+
+    def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        params = self._params(max_tokens=max_new_tokens, stop=list(stop) or None)
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        # vLLM already stops at the stop strings; cutting again keeps both backends' rule identical
+        return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
+
+    def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
+        from vllm import TokensPrompt
+
+        requests, starts = [], []
+        for prompt in prompts:
+            prompt_ids = self.tokenizer(prompt)["input_ids"]
+            for choice in choices:
+                whole = self.tokenizer(prompt + choice)["input_ids"]
+                requests.append(TokensPrompt(prompt_token_ids=whole))
+                starts.append(continuation_split(prompt_ids, whole))
+        params = self._params(max_tokens=1, prompt_logprobs=0)
+        if hasattr(params, "skip_reading_prefix_cache"):
+            params.skip_reading_prefix_cache = True
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        scores = np.zeros(len(requests))
+        for index, (output, start) in enumerate(zip(outputs, starts)):
+            tokens = output.prompt_token_ids
+            scores[index] = sum(output.prompt_logprobs[position][tokens[position]].logprob
+                                for position in range(start, len(tokens)))
+        return scores.reshape(len(prompts), len(choices))
+
+    def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
+        from vllm import TokensPrompt
+
+        window = self.llm.llm_engine.model_config.max_model_len
+        requests = []
+        for ids in self.tokenizer(list(texts))["input_ids"]:
+            requests.extend(TokensPrompt(prompt_token_ids=ids[start:start + window])
+                            for start in range(0, len(ids) - 1, window - 1))
+        params = self._params(max_tokens=1, prompt_logprobs=0)
+        if hasattr(params, "skip_reading_prefix_cache"):
+            params.skip_reading_prefix_cache = True
+        total, count = 0.0, 0
+        for output in self.llm.generate(requests, params, use_tqdm=False):
+            tokens = output.prompt_token_ids
+            total -= sum(output.prompt_logprobs[i][tokens[i]].logprob for i in range(1, len(tokens)))
+            count += len(tokens) - 1
+        return total, count
+
+    def provenance(self) -> dict:
+        import torch
+        import transformers
+        import vllm
+
+        return {
+            "backend": self.name,
+            "device": torch.cuda.get_device_name(),
+            "dtype": str(self.llm.llm_engine.model_config.dtype).removeprefix("torch."),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "vllm": vllm.__version__,
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        }
+
+    def close(self) -> None:
+        del self.llm

@@ -1,0 +1,263 @@
+"""The ``ckpt-stability`` command: one subcommand per workflow stage, each usable on its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import logging
+import sys
+from pathlib import Path
+
+from ckpt_stability import __version__
+from ckpt_stability.errors import InputError
+
+log = logging.getLogger("ckpt_stability")
+
+
+def _demo_data(args: argparse.Namespace) -> None:
+    from ckpt_stability.demo import DemoSettings, write_data
+
+    write_data(Path(args.output), DemoSettings(seed=args.seed, samples_per_task=args.samples))
+
+
+def _demo_train(args: argparse.Namespace) -> None:
+    from ckpt_stability.demo import MODEL_SIZES, DemoSettings, train_run
+
+    settings = DemoSettings(seed=args.seed, train_steps=args.steps, save_every=args.save_every, threads=args.threads)
+    train_run(Path(args.data), Path(args.output), settings, MODEL_SIZES[args.size])
+
+
+def _meta(items: list[str]) -> dict:
+    """KEY=VALUE pairs; a VALUE that parses as JSON is stored parsed."""
+    meta = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            meta[key] = json.loads(value)
+        except ValueError:
+            meta[key] = value
+    return meta
+
+
+def _size(text: str) -> int:
+    """A byte count like 5GB, 500MB, 2GiB or 1000000."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]*)\s*", text)
+    if match is None or match.group(2).upper() not in units:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    return int(float(match.group(1)) * units[match.group(2).upper()])
+
+
+def _average(args: argparse.Namespace) -> None:
+    from ckpt_stability.averaging import average_checkpoints
+
+    steps = [int(step) for step in args.steps.split(",")] if args.steps else None
+    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), dtype=args.dtype,
+                        max_shard_size=args.max_shard_size, steps=steps, threads=args.threads)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from ckpt_stability.gpus import claim_gpu
+
+    claim_gpu()  # before anything initialises CUDA: one GPU per job on a multi-GPU machine
+
+    from ckpt_stability.backends import load_backend
+    from ckpt_stability.checkpoints import check_model_dir
+    from ckpt_stability.evaluate import EvaluationSettings, evaluate_model, measure_perplexity
+    from ckpt_stability.tasks import load_task
+
+    if args.settings:
+        settings = EvaluationSettings.from_json(args.settings)
+    else:
+        settings = EvaluationSettings([
+            load_task(path, mode=args.mode, num_fewshot=args.num_fewshot, max_samples=args.max_samples)
+            for path in args.task
+        ])
+    if bool(args.perplexity_text) != bool(args.perplexity_output):
+        raise InputError("--perplexity-text and --perplexity-output go together")
+    check_model_dir(args.model)
+    backend = load_backend(args.backend, args.model, dtype=args.dtype, batch_size=args.batch_size,
+                           threads=args.threads)
+    try:
+        evaluate_model(backend, args.model, settings, args.output_dir, provenance=_meta(args.meta))
+        if args.perplexity_text:
+            measure_perplexity(backend, args.model, Path(args.perplexity_text), Path(args.perplexity_output),
+                               provenance=_meta(args.meta))
+    finally:
+        backend.close()
+
+
+def _indicators(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from ckpt_stability.indicators import (final_stabilised_targets, indicators_table, perplexity_proxies,
+                                           read_targets, score_proxies)
+    from ckpt_stability.plan import Plan
+    from ckpt_stability.stability import write_table
+
+    plan = Plan.from_json(args.plan)
+    proxies = score_proxies(pd.read_parquet(args.scores))
+    if args.perplexity_dir:
+        proxies = proxies.join(perplexity_proxies(plan, Path(args.perplexity_dir)))
+    targets = read_targets(Path(args.targets)) if args.targets else final_stabilised_targets(plan, proxies)
+    write_table(indicators_table(proxies, targets), Path(args.output))
+
+
+def _ensemble(args: argparse.Namespace) -> None:
+    from ckpt_stability.ensemble import ensemble_window
+
+    outputs = {method: Path(directory) for method, directory in (("vote", args.vote_dir), ("prob", args.prob_dir))
+               if directory}
+    if not outputs:
+        raise InputError("give --vote-dir and/or --prob-dir")
+    ensemble_window([Path(d) for d in args.members], args.tasks.split(","), outputs, provenance=_meta(args.meta))
+
+
+def _scores(args: argparse.Namespace) -> None:
+    from ckpt_stability.stability import Plan, gather_scores, write_scores
+
+    write_scores(gather_scores(Plan.from_json(args.plan)), Path(args.output))
+
+
+def _stability(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from ckpt_stability.stability import Plan, improvement_table, stability_table, write_table
+
+    stability = stability_table(Plan.from_json(args.plan), pd.read_parquet(args.scores))
+    output = Path(args.output_dir)
+    write_table(stability, output / "stability.csv")
+    write_table(improvement_table(stability), output / "improvement.csv")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from ckpt_stability.report import build_report
+
+    build_report(plan=Path(args.plan), scores=Path(args.scores), tables=Path(args.tables),
+                 settings=Path(args.settings), output=Path(args.output))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ckpt-stability", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from ckpt_stability.demo import MODEL_SIZES, DemoSettings
+
+    defaults = DemoSettings()
+    demo = commands.add_parser("demo", help="the embedded demo: its data, and the pretraining of its runs")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True, metavar="STEP")
+    data = demo_commands.add_parser("data", help="write the demo's tasks, held-out text and tokenizer")
+    data.add_argument("--output", required=True, help="writes tasks/, heldout.txt and tokenizer/ here")
+    data.add_argument("--seed", type=int, default=defaults.seed)
+    data.add_argument("--samples", type=int, default=defaults.samples_per_task, help="evaluation samples per task")
+    data.set_defaults(handler=_demo_data)
+    train = demo_commands.add_parser("train", help="pretrain one demo run, saving its checkpoints")
+    train.add_argument("--data", required=True, help="the directory written by `demo data`")
+    train.add_argument("--size", choices=list(MODEL_SIZES), default="base", help="the model size of the run")
+    train.add_argument("--output", required=True, help="writes checkpoint-{step}/ here")
+    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--steps", type=int, default=defaults.train_steps, help="optimizer steps")
+    train.add_argument("--save-every", type=int, default=defaults.save_every, help="steps between checkpoints")
+    train.add_argument("--threads", type=int, default=defaults.threads,
+                       help="torch threads; fixed so that the checkpoints are bitwise reproducible")
+    train.set_defaults(handler=_demo_train)
+
+    average = commands.add_parser(
+        "average", help="uniform mean of the weights of several checkpoints (streamed, bounded memory)")
+    average.add_argument("checkpoints", nargs="+", metavar="CKPT_DIR",
+                         help="Hugging Face checkpoint directories, oldest first (the last is the newest)")
+    average.add_argument("--output", required=True, help="directory of the averaged checkpoint")
+    average.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                         help="storage dtype of the result (default: the checkpoints' dtype)")
+    average.add_argument("--max-shard-size", type=_size, default=_size("5GB"),
+                         help="largest weight file; more weights are sharded with an index (default 5GB)")
+    average.add_argument("--steps", help="the members' steps, comma-separated, recorded in the provenance file")
+    average.add_argument("--threads", type=int, help="worker threads (default: the CPUs this process may use, "
+                                                      "at most 8)")
+    average.set_defaults(handler=_average)
+
+    evaluate = commands.add_parser("evaluate", help="few-shot evaluation of one model on llm-jp-eval tasks")
+    evaluate.add_argument("--model", required=True, help="Hugging Face model directory")
+    source = evaluate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--task", action="append", metavar="FILE", help="llm-jp-eval dataset JSON (repeatable)")
+    source.add_argument("--settings", metavar="JSON",
+                        help="evaluation settings (tasks with their options, prompt template, stop strings)")
+    evaluate.add_argument("--output-dir", required=True, help="writes {task}.parquet here")
+    evaluate.add_argument("--num-fewshot", type=int, default=4, help="with --task (default: 4)")
+    evaluate.add_argument("--mode", choices=["auto", "generate", "choice"], default="auto",
+                          help="with --task: scoring mode; auto = choice when the file has a label_list")
+    evaluate.add_argument("--max-samples", type=int, help="with --task: evaluate the first N samples")
+    evaluate.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto")
+    evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--threads", type=int, help="CPU threads for torch")
+    evaluate.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                          help="extra provenance stored in the output files (repeatable)")
+    evaluate.add_argument("--perplexity-text", metavar="FILE",
+                          help="also measure the model's perplexity on this held-out text (UTF-8) ...")
+    evaluate.add_argument("--perplexity-output", metavar="JSON",
+                          help="... and write nll, tokens, perplexity and inverse_perplexity here")
+    evaluate.set_defaults(handler=_evaluate)
+
+    ensemble = commands.add_parser("ensemble", help="combine the raw predictions of a window's checkpoints")
+    ensemble.add_argument("members", nargs="+", metavar="PREDICTIONS_DIR",
+                          help="directories holding {task}.parquet of each checkpoint, oldest first")
+    ensemble.add_argument("--tasks", required=True, help="task names, comma-separated")
+    ensemble.add_argument("--vote-dir", help="write the majority-vote ensemble here")
+    ensemble.add_argument("--prob-dir", help="write the probability-averaging ensemble here (choice tasks)")
+    ensemble.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                          help="extra provenance stored in the output files (repeatable)")
+    ensemble.set_defaults(handler=_ensemble)
+
+    scores = commands.add_parser("scores", help="gather every prediction file's score into one table")
+    scores.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
+    scores.add_argument("--output", required=True, help="the scores table (parquet)")
+    scores.set_defaults(handler=_scores)
+
+    stability = commands.add_parser("stability", help="stability and improvement tables")
+    stability.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
+    stability.add_argument("--scores", required=True, help="the scores table written by `scores`")
+    stability.add_argument("--output-dir", required=True, help="writes stability.csv/.md and improvement.csv/.md")
+    stability.set_defaults(handler=_stability)
+
+    indicators = commands.add_parser("indicators", help="how well each proxy orders models by a target")
+    indicators.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
+    indicators.add_argument("--scores", required=True, help="the scores table (results/scores.parquet)")
+    indicators.add_argument("--perplexity-dir", help="results/perplexity, to add the 1/PPL proxies")
+    indicators.add_argument("--targets", help="CSV run,step,target (default: each run's final stabilised score)")
+    indicators.add_argument("--output", required=True, help="the table (CSV, and Markdown beside it)")
+    indicators.set_defaults(handler=_indicators)
+
+    report = commands.add_parser("report", help="the HTML report with its figures")
+    report.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
+    report.add_argument("--scores", required=True, help="the scores table (results/scores.parquet)")
+    report.add_argument("--tables", required=True, help="directory of stability.csv, improvement.csv and (optional) indicators.csv")
+    report.add_argument("--settings", required=True,
+                        help="the evaluation settings (results/evaluation_settings.json)")
+    report.add_argument("--output", required=True,
+                        help="the report (results/report/report.html); figures go to figures/ beside it")
+    report.set_defaults(handler=_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        args.handler(args)
+    except InputError as error:
+        print(f"ckpt-stability {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a vanished file: the path and the reason, no traceback
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"ckpt-stability {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        return 1
+    return 0

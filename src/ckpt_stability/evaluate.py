@@ -1,0 +1,129 @@
+"""Model x tasks -> one prediction file per task.
+
+The evaluation settings (tasks with their category, scoring mode, few-shot count and sample cap; the
+prompt template; the stop strings) come as one JSON document, so that every checkpoint of a run is
+evaluated on exactly the same prompts::
+
+    {"tasks": {"jnli": {"path": "data/jnli.json", "category": "NLI", "mode": "choice",
+                        "num_fewshot": 4, "max_samples": 500}},
+     "prompt": {"header": "...{instruction}", "example": "...{input}...{output}"},
+     "stop": ["\\n"]}
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ckpt_stability import __version__
+from ckpt_stability.backends.base import Backend
+from ckpt_stability.atomic import write_text
+from ckpt_stability.errors import InputError
+from ckpt_stability.metrics import score_examples
+from ckpt_stability.predictions import Predictions, write_predictions
+from ckpt_stability.prompts import PromptTemplate, prompts_digest
+from ckpt_stability.tasks import Task, load_task
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvaluationSettings:
+    tasks: list[Task]
+    template: PromptTemplate = field(default_factory=PromptTemplate)
+    stop: tuple[str, ...] = ("\n",)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "EvaluationSettings":
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+            tasks = [load_task(spec["path"], name=name, category=spec.get("category", ""),
+                               mode=spec.get("mode", "auto"), num_fewshot=spec.get("num_fewshot", 0),
+                               max_samples=spec.get("max_samples"))
+                     for name, spec in data["tasks"].items()]
+            return cls(tasks, PromptTemplate(**data.get("prompt", {})), tuple(data.get("stop", ["\n"])))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise InputError(f"{path}: invalid evaluation settings ({type(error).__name__}: {error})") from None
+
+
+def _out_of_memory_hint(error: BaseException, batch_size: int, model_dir: str, task: str) -> InputError | None:
+    message = str(error)
+    if isinstance(error, MemoryError) or "out of memory" in message.lower() or "can't allocate" in message:
+        return InputError(f"{model_dir}: task {task}: the backend ran out of memory ({type(error).__name__}: "
+                          f"{message.splitlines()[0]}); lower batch_size (now {batch_size}) in the config, "
+                          f"or use a smaller dtype")
+    return None
+
+
+def evaluate_model(backend: Backend, model_dir: str, settings: EvaluationSettings, output_dir: str | Path,
+                   provenance: dict | None = None) -> dict[str, float]:
+    """Evaluate one loaded model on every task; write ``{output_dir}/{task}.parquet``; return the scores."""
+    output_dir = Path(output_dir)
+    scores = {}
+    for task in settings.tasks:
+        started = time.perf_counter()
+        prompts = task.prompts(settings.template)
+        try:
+            if task.mode == "choice":
+                logprobs = backend.choice_logprobs(prompts, task.label_list)
+                predicted = [task.label_list[i] for i in np.argmax(logprobs, axis=1)]
+            else:
+                logprobs = None
+                predicted = backend.generate(prompts, task.output_length, settings.stop)
+        except (RuntimeError, MemoryError) as error:
+            hint = _out_of_memory_hint(error, getattr(backend, "batch_size", 0), model_dir, task.name)
+            if hint is None:
+                raise
+            raise hint from error
+        golds = [sample.output for sample in task.samples]
+        predictions = Predictions(
+            example_id=np.arange(len(task.samples)),
+            prediction=predicted,
+            gold=golds,
+            score=np.array(score_examples(task.metric, predicted, golds)),
+            choice_logprobs=logprobs,
+            provenance={
+                **(provenance or {}),
+                "model_path": str(model_dir),
+                "backend": backend.provenance(),
+                "versions": {"ckpt_stability": __version__, "python": platform.python_version()},
+                "task": {"name": task.name, "path": str(task.path), "sha256": task.sha256,
+                         "category": task.category, "mode": task.mode, "metric": task.metric,
+                         "label_list": list(task.label_list) if task.label_list else None,
+                         "output_length": task.output_length},
+                "prompt": {"num_fewshot": task.num_fewshot, "template": asdict(settings.template),
+                           "template_sha256": settings.template.digest(),
+                           "prompts_sha256": prompts_digest(prompts), "stop": list(settings.stop)},
+            },
+        )
+        write_predictions(output_dir / f"{task.name}.parquet", predictions)
+        scores[task.name] = predictions.task_score
+        log.info("%s: %s = %.4f over %d examples (%.1f s)", task.name, task.metric, predictions.task_score,
+                 len(golds), time.perf_counter() - started)
+    return scores
+
+
+def measure_perplexity(backend: Backend, model_dir: str, text_path: Path, output: Path,
+                       provenance: dict | None = None) -> float:
+    """The model's perplexity on a held-out text, exp(mean token NLL), split into windows of the model's
+    context length; written as JSON with its inverse, the proxy of the indicators."""
+    try:
+        text = text_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"{text_path}: cannot read the held-out text ({error})") from None
+    if not text.strip():
+        raise InputError(f"{text_path}: the held-out text is empty")
+    nll, tokens = backend.token_nll([text])
+    result = {**(provenance or {}), "model_path": str(model_dir), "text": str(text_path), "tokens": tokens,
+              "nll": nll, "perplexity": math.exp(nll / tokens), "inverse_perplexity": math.exp(-nll / tokens),
+              "backend": backend.provenance()}
+    write_text(output, json.dumps(result, indent=1) + "\n")
+    log.info("perplexity %.4f over %d tokens of %s", result["perplexity"], tokens, text_path)
+    return result["perplexity"]

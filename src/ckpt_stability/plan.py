@@ -1,0 +1,63 @@
+"""The plan of a workflow run: which prediction files exist, and the final segment.
+
+The workflow writes it as ``results/plan.json``; the reductions read it, so that both enumerate the
+same files by the output contract ``{predictions}/{run}/{method}{n}/step{step}/{task}.parquet``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from ckpt_stability.errors import InputError
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the workflow evaluated: the runs' steps, windows, methods and tasks."""
+
+    runs: dict[str, list[int]]
+    windows: list[int]
+    methods: list[str]
+    tasks: dict[str, dict]
+    """name -> {"category": ..., "mode": ...}"""
+    final_fraction: float = 0.2
+    predictions: str = "results/predictions"
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "Plan":
+        try:
+            return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError) as error:
+            raise InputError(f"{path}: invalid plan ({error})") from None
+
+    def series(self, run: str) -> list[tuple[str, int, list[int], list[str]]]:
+        """(method, window, steps, tasks) of every score series of a run, raw first."""
+        steps = self.runs[run]
+        choice_tasks = [name for name, task in self.tasks.items() if task["mode"] == "choice"]
+        result = [("raw", 1, steps, list(self.tasks))]
+        for window in sorted(w for w in self.windows if w > 1):
+            for method in ("avg", "vote", "prob"):
+                if method in self.methods:
+                    result.append((method, window, steps[window - 1:],
+                                   choice_tasks if method == "prob" else list(self.tasks)))
+        return result
+
+    def path(self, run: str, method: str, window: int, step: int, task: str) -> Path:
+        return Path(self.predictions) / run / f"{method}{window}" / f"step{step}" / f"{task}.parquet"
+
+    def segment(self, run: str) -> list[int]:
+        return final_segment(self.runs[run], self.final_fraction, max(self.windows))
+
+
+def final_segment(steps: list[int], final_fraction: float, largest_window: int) -> list[int]:
+    """The last ``ceil(final_fraction * len(steps))`` steps (at least 3), among those where the largest
+    window exists, so that every method and window is compared on the same steps."""
+    length = max(3, math.ceil(final_fraction * len(steps) - 1e-9))
+    eligible = steps[largest_window - 1:]
+    if len(eligible) < 3:
+        raise InputError(f"{len(steps)} checkpoints leave {len(eligible)} steps where the largest window "
+                         f"({largest_window}) exists; the final segment needs 3")
+    return eligible[-length:]

@@ -1,0 +1,194 @@
+"""Prediction files -> the scores table and the stability tables.
+
+The **final segment** of a run is its last ``final_fraction`` of checkpoints (``ceil(final_fraction *
+m)`` of the run's m checkpoints, never fewer than 3), keeping only the steps where the largest
+configured window exists, so that every method and window is measured on the same steps. With
+``L_t`` the task score at the segment's t-th step (T steps) and ``s_{i,t}`` example i's score:
+
+==============  ==========================================================================
+mean_score      mean of L_t
+final_score     L_T
+std             population standard deviation of L_t
+mtv             mean total variation, (1/(T-1)) sum_t |L_{t+1} - L_t|
+instability     (1/(T-1)) sum_t [1 - mean_i sim(x_{i,t}, x_{i,t+1})], x the predictions; sim is
+                equality for choice and exact_match tasks, else char_f1 between the predictions
+example_mtv     mean over examples of (1/(T-1)) sum_t |s_{i,t+1} - s_{i,t}|
+ever_flipped    share of examples whose score changes at least once in the segment
+tv_i            Signal-and-Noise TV-I: 100 * (mtv / (max L - min L) - (L_T - L_1) / T); 0 where max = min
+noise           Signal-and-Noise relative std: std / mean_score (0 where mean_score = 0)
+==============  ==========================================================================
+
+Category rows: the category score at step t is the mean of its tasks' scores, and mean_score,
+final_score, std, mtv, tv_i and noise come from that series; instability, example_mtv and
+ever_flipped are the mean over its tasks. ``overall`` is the same over all tasks. The ``prob``
+method exists for choice tasks only, so its category and overall rows cover those.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ckpt_stability.atomic import atomic_file, write_text
+from ckpt_stability.errors import InputError
+from ckpt_stability.metrics import exact_match, prediction_similarity
+from ckpt_stability.plan import Plan
+from ckpt_stability.predictions import read_provenance, read_table
+
+SERIES_COLUMNS = ["mean_score", "final_score", "std", "mtv", "tv_i", "noise"]
+EXAMPLE_COLUMNS = ["instability", "example_mtv", "ever_flipped"]
+STABILITY_COLUMNS = ["mean_score", "final_score", "std", "mtv", "instability", "example_mtv", "ever_flipped",
+                     "tv_i", "noise"]
+KEYS = ["run", "level", "name", "method", "window"]
+
+
+# ---------------------------------------------------------------- scores
+
+
+def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
+    """The long scores table, read from the prediction files' footers (cheap)."""
+    rows = []
+    for run in plan.runs:
+        for method, window, steps, tasks in plan.series(run):
+            for step in steps:
+                for task in tasks:
+                    rows.append((run, task, plan.tasks[task]["category"], method, window, step))
+    paths = [plan.path(run, method, window, step, task) for run, task, _, method, window, step in rows]
+    with ThreadPoolExecutor(threads) as pool:
+        provenances = list(pool.map(read_provenance, paths))
+    frame = pd.DataFrame(rows, columns=["run", "task", "category", "method", "window", "step"])
+    frame["score"] = [p["score"] for p in provenances]
+    frame["n_examples"] = [p["n_examples"] for p in provenances]
+    return frame
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def series_metrics(scores: np.ndarray) -> dict[str, float]:
+    """The metrics of one score series L_1..L_T (T >= 2)."""
+    scores = np.asarray(scores, dtype=float)
+    steps = len(scores)
+    mean = scores.mean()
+    std = (scores - scores[0]).std()  # shifted first: a flat series has exactly 0
+    mtv = np.abs(np.diff(scores)).mean()
+    spread = scores.max() - scores.min()
+    tv_i = 0.0 if spread == 0 else 100 * (mtv / spread - (scores[-1] - scores[0]) / steps)
+    return {"mean_score": mean, "final_score": scores[-1], "std": std, "mtv": mtv, "tv_i": tv_i,
+            "noise": 0.0 if mean == 0 else std / mean}
+
+
+def example_metrics(scores: np.ndarray, predictions: list[list[str]], mode: str, metric: str) -> dict[str, float]:
+    """instability, example_mtv and ever_flipped from ``scores[t, i]`` and ``predictions[t][i]``."""
+    scores = np.asarray(scores, dtype=float)
+    changes = np.abs(np.diff(scores, axis=0))
+    codes, uniques = pd.factorize(np.concatenate([np.asarray(p, dtype=object) for p in predictions]))
+    codes = codes.reshape(len(predictions), -1)
+    similarity = (codes[1:] == codes[:-1]).astype(float)
+    sim = prediction_similarity(mode, metric)
+    if sim is not exact_match:
+        # char_f1 between differing predictions, once per distinct pair
+        cache: dict[tuple[int, int], float] = {}
+        for t, i in zip(*np.nonzero(similarity == 0)):
+            pair = (codes[t, i], codes[t + 1, i])
+            if pair not in cache:
+                cache[pair] = sim(uniques[pair[0]], uniques[pair[1]])
+            similarity[t, i] = cache[pair]
+    return {
+        "instability": float((1 - similarity.mean(axis=1)).mean()),
+        "example_mtv": float(changes.mean(axis=0).mean()),
+        "ever_flipped": float((changes > 0).any(axis=0).mean()),
+    }
+
+
+def _read_segment(plan: Plan, run: str, method: str, window: int, task: str, steps: list[int]):
+    paths = [plan.path(run, method, window, step, task) for step in steps]
+    tables = [read_table(path, columns=["example_id", "prediction", "score"]) for path in paths]
+    first = tables[0].column("example_id").to_numpy()
+    for path, table in zip(paths[1:], tables[1:]):
+        if not np.array_equal(table.column("example_id").to_numpy(), first):
+            raise InputError(f"{path}: its examples differ from those of {paths[0]}")
+    scores = np.stack([table.column("score").to_numpy() for table in tables])
+    return scores, [table.column("prediction").to_pylist() for table in tables]
+
+
+def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.DataFrame:
+    """One row per (run, level, name, method, window); see the module docstring."""
+    metric_of = {}
+    jobs = []
+    for run in plan.runs:
+        segment = plan.segment(run)
+        for method, window, _, tasks in plan.series(run):
+            for task in tasks:
+                jobs.append((run, method, window, task, segment))
+    for task in plan.tasks:
+        path = next(plan.path(run, "raw", 1, plan.runs[run][-1], task) for run in plan.runs)
+        metric_of[task] = read_provenance(path)["task"]["metric"]
+
+    def task_row(job):
+        run, method, window, task, segment = job
+        matrix, predictions = _read_segment(plan, run, method, window, task, segment)
+        return example_metrics(matrix, predictions, plan.tasks[task]["mode"], metric_of[task])
+
+    with ThreadPoolExecutor(threads) as pool:
+        example_rows = list(pool.map(task_row, jobs))
+
+    segment_scores = scores.merge(
+        pd.DataFrame([(run, step) for run in plan.runs for step in plan.segment(run)], columns=["run", "step"]))
+    series = {key: group.sort_values("step")["score"].to_numpy()
+              for key, group in segment_scores.groupby(["run", "method", "window", "task"])}
+    per_task = []
+    for (run, method, window, task, segment), example_row in zip(jobs, example_rows):
+        per_task.append({"run": run, "level": "task", "name": task, "method": method, "window": window,
+                         "category": plan.tasks[task]["category"],
+                         **series_metrics(series[run, method, window, task]), **example_row,
+                         "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment)})
+    tasks_frame = pd.DataFrame(per_task)
+
+    aggregated = []
+    for (run, method, window), group in tasks_frame.groupby(["run", "method", "window"], sort=False):
+        levels = [("category", category, rows) for category, rows in group.groupby("category", sort=False)]
+        levels.append(("overall", "overall", group))
+        for level, name, rows in levels:
+            mean_series = np.mean([series[run, method, window, task] for task in rows["name"]], axis=0)
+            aggregated.append({"run": run, "level": level, "name": name, "method": method, "window": window,
+                               "category": name if level == "category" else "",
+                               **series_metrics(mean_series), **rows[EXAMPLE_COLUMNS].mean().to_dict(),
+                               **rows[["segment_start", "segment_end", "segment_steps"]].iloc[0].to_dict()})
+    table = pd.concat([tasks_frame, pd.DataFrame(aggregated)], ignore_index=True)
+    order = {"task": 0, "category": 1, "overall": 2}
+    table = table.sort_values(["run", "level", "name", "method", "window"],
+                              key=lambda col: col.map(order) if col.name == "level" else col)
+    return table[KEYS + ["category"] + STABILITY_COLUMNS + ["segment_start", "segment_end", "segment_steps"]]
+
+
+def improvement_table(stability: pd.DataFrame) -> pd.DataFrame:
+    """Each method and window against raw: difference of mean_score, ratios of mtv and instability."""
+    raw = stability[stability["method"] == "raw"].set_index(["run", "level", "name"])
+    others = stability[stability["method"] != "raw"].copy()
+    baseline = raw.loc[list(zip(others["run"], others["level"], others["name"]))]
+
+    def ratio(column):
+        denominator = baseline[column].to_numpy()
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.where(denominator == 0, np.nan, others[column].to_numpy() / denominator)
+
+    others["delta_mean_score"] = others["mean_score"].to_numpy() - baseline["mean_score"].to_numpy()
+    others["mtv_ratio"] = ratio("mtv")
+    others["instability_ratio"] = ratio("instability")
+    return others[KEYS + ["delta_mean_score", "mtv_ratio", "instability_ratio"]].reset_index(drop=True)
+
+
+def write_table(frame: pd.DataFrame, csv_path: Path) -> None:
+    """The table as CSV, and as Markdown beside it (``.md``) for reading in a terminal."""
+    with atomic_file(csv_path) as tmp:
+        frame.to_csv(tmp, index=False, float_format="%.6g")
+    write_text(csv_path.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".4g") + "\n")
+
+
+def write_scores(frame: pd.DataFrame, path: Path) -> None:
+    with atomic_file(path) as tmp:
+        frame.to_parquet(tmp, index=False)

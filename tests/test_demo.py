@@ -1,0 +1,62 @@
+"""The embedded demo: valid llm-jp-eval tasks, bitwise-reproducible checkpoints, and a full dry run."""
+
+import hashlib
+import subprocess
+import sys
+from dataclasses import replace
+
+from ckpt_stability.checkpoints import discover
+from ckpt_stability.demo import TASKS, pretrain
+from ckpt_stability.tasks import load_task
+from conftest import ROOT, TINY_DEMO, TINY_SIZE
+
+
+def digests(directory):
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+def test_same_seed_gives_bitwise_the_same_checkpoints(tiny_demo, tmp_path):
+    pretrain(tmp_path, TINY_DEMO, TINY_SIZE)
+    first, second = digests(tiny_demo), digests(tmp_path)
+    assert first == second
+    assert "checkpoints/checkpoint-40/model.safetensors" in first
+    assert "checkpoints/checkpoint-40/tokenizer.json" in first
+
+
+def test_another_seed_gives_other_weights(tiny_demo, tmp_path):
+    settings = replace(TINY_DEMO, seed=1, train_steps=10, save_every=10)
+    pretrain(tmp_path, settings, TINY_SIZE)
+    name = "checkpoints/checkpoint-10/model.safetensors"
+    assert digests(tmp_path)[name] != digests(tiny_demo)[name]
+
+
+def test_demo_writes_complete_checkpoints_and_valid_tasks(tiny_demo):
+    assert list(discover(str(tiny_demo / "checkpoints" / "checkpoint-{step}")).complete) == [10, 20, 30, 40]
+    tasks = [load_task(tiny_demo / "tasks" / f"{task.name}.json", mode=task.mode, category=task.category,
+                       num_fewshot=4) for task in TASKS]
+    assert len({task.category for task in tasks}) >= 3
+    assert {task.mode for task in tasks} == {"choice", "generate"}
+    for task in tasks:
+        assert len(task.samples) == TINY_DEMO.samples_per_task
+        # the few-shot examples are held out of the samples
+        assert not {(s.input, s.output) for s in task.few_shots} & {(s.input, s.output) for s in task.samples}
+    assert (tiny_demo / "heldout.txt").read_text().count("### 指示") == TINY_DEMO.heldout_documents
+
+
+def test_default_config_dry_run_shows_training_and_per_checkpoint_jobs(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--snakefile", str(ROOT / "Snakefile"), "--directory",
+         str(tmp_path), "--configfile", str(ROOT / "config" / "config.yaml")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    counts = {}
+    for line in result.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    # two runs of 30 checkpoints, windows 1, 2, 4, 8: 30 raw + (29 + 27 + 23) averaged models each
+    assert counts["demo_data"] == 1 and counts["demo_pretrain"] == 2
+    assert counts["evaluate"] == 2 * (30 + 29 + 27 + 23)
+    assert counts["average"] == counts["ensemble"] == 2 * (29 + 27 + 23)

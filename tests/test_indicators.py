@@ -1,0 +1,172 @@
+"""Pretraining indicators: pairwise accuracy and Kendall's tau, perplexity, the learned comparator."""
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ckpt_stability.errors import InputError
+from ckpt_stability.indicators import (comparator_accuracy, final_stabilised_targets, indicators_table,
+                                       kendall_tau, pairwise_accuracy, read_targets, score_proxies)
+from ckpt_stability.plan import Plan
+
+HELDOUT = "質問：りんごの色は何色ですか？\n回答：赤\n" * 6
+
+
+# ---------------------------------------------------------------- pairwise accuracy and tau
+
+
+def test_pairwise_accuracy_and_tau_by_hand():
+    # one discordant pair (the 2nd and 3rd models) out of six
+    proxy, target = [1, 2, 3, 4], [1, 3, 2, 4]
+    assert pairwise_accuracy(proxy, target) == (pytest.approx(5 / 6), 6)
+    assert kendall_tau(proxy, target) == pytest.approx((5 - 1) / 6)
+    assert pairwise_accuracy(proxy[::-1], target) == (pytest.approx(1 / 6), 6)
+
+
+def test_a_proxy_tie_counts_half_and_target_ties_are_left_out():
+    assert pairwise_accuracy([1, 1, 2], [1, 2, 3]) == (pytest.approx(2.5 / 3), 3)
+    # the first two models share their target: only the two pairs with the third count, both ordered right
+    assert pairwise_accuracy([2, 1, 3], [1, 1, 2]) == (1.0, 2)
+    assert math.isnan(pairwise_accuracy([1, 2], [5, 5])[0])
+    assert math.isnan(kendall_tau([1, 1, 1], [1, 2, 3]))
+
+
+# ---------------------------------------------------------------- the learned comparator
+
+
+def test_the_comparator_learns_a_known_function_of_the_proxies():
+    rng = np.random.default_rng(1)
+    proxies = rng.normal(size=(60, 3))
+    # neither proxy alone orders the models well; the target is a fixed combination of both
+    target = proxies[:, 0] - proxies[:, 1] + 0.05 * rng.normal(size=60)
+    mean, spread = comparator_accuracy(proxies, target, repeats=10)
+    single = max(pairwise_accuracy(proxies[:, k], target)[0] for k in range(3))
+    assert mean > 0.9 and spread < 0.05
+    assert single < 0.8 < mean
+
+
+def test_the_comparator_is_at_chance_when_the_target_is_noise():
+    rng = np.random.default_rng(2)
+    mean, _ = comparator_accuracy(rng.normal(size=(60, 3)), rng.normal(size=60), repeats=10)
+    assert 0.4 < mean < 0.6
+
+
+# ---------------------------------------------------------------- proxies, stand-in target, the table
+
+
+def two_runs() -> tuple[Plan, pd.DataFrame]:
+    """Scores of two runs; run "good" is better at every step, and its averaged series is steadier."""
+    plan = Plan(runs={"good": [10, 20, 30, 40], "weak": [10, 20, 30, 40]}, windows=[1, 2], methods=["avg"],
+                tasks={"a": {"category": "C", "mode": "choice"}, "b": {"category": "C", "mode": "generate"}})
+    rows = []
+    for run, base in (("good", 0.6), ("weak", 0.3)):
+        for position, step in enumerate(plan.runs[run]):
+            wobble = 0.1 if position % 2 else -0.1
+            rows += [(run, "a", "raw", 1, step, base + 0.05 * position + wobble),
+                     (run, "b", "raw", 1, step, base - wobble)]
+            if position:
+                rows += [(run, "a", "avg", 2, step, base + 0.05 * position), (run, "b", "avg", 2, step, base)]
+    return plan, pd.DataFrame(rows, columns=["run", "task", "method", "window", "step", "score"])
+
+
+def test_score_proxies_have_every_task_and_the_overall_mean_per_series():
+    _, scores = two_runs()
+    proxies = score_proxies(scores)
+    assert sorted(proxies.columns) == ["a avg2", "a raw1", "b avg2", "b raw1", "overall avg2", "overall raw1"]
+    assert proxies.loc[("good", 20), "overall raw1"] == pytest.approx((0.6 + 0.05 + 0.1 + 0.6 - 0.1) / 2)
+    assert math.isnan(proxies.loc[("good", 10), "a avg2"])  # no full window of 2 at the first step
+
+
+def test_the_stand_in_target_is_each_runs_final_stabilised_score():
+    plan, scores = two_runs()
+    targets = final_stabilised_targets(plan, score_proxies(scores))
+    final_good = (0.6 + 0.15 + 0.6) / 2
+    assert targets.to_dict() == {("good", 10): pytest.approx(final_good), ("good", 20): pytest.approx(final_good),
+                                 ("good", 30): pytest.approx(final_good),
+                                 ("weak", 10): pytest.approx((0.3 + 0.15 + 0.3) / 2),
+                                 ("weak", 20): pytest.approx((0.3 + 0.15 + 0.3) / 2),
+                                 ("weak", 30): pytest.approx((0.3 + 0.15 + 0.3) / 2)}
+
+
+def test_indicators_table_orders_proxies_by_pairwise_accuracy():
+    plan, scores = two_runs()
+    proxies = score_proxies(scores)
+    table = indicators_table(proxies, final_stabilised_targets(plan, proxies), repeats=5)
+    rows = table.set_index("proxy")
+    # 3 checkpoints per run share their run's target: 9 pairs across the runs
+    assert rows.loc["overall raw1", "n_models"] == 6 and rows.loc["overall raw1", "n_pairs"] == 9
+    assert rows.loc["overall avg2", "pairwise_accuracy"] == 1.0
+    assert rows.loc["overall avg2", "kendall_tau"] > 0
+    assert (rows.loc["overall avg2", ["kind", "method", "window", "task"]].tolist()
+            == ["score", "avg", 2, "overall"])
+    assert "learned comparator" in rows.index and rows.loc["learned comparator", "kind"] == "comparator"
+    accuracies = table["pairwise_accuracy"].dropna().tolist()
+    assert accuracies == sorted(accuracies, reverse=True)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("run,step\ngood,10\n", "missing column(s) target"),
+    ("run,step,target\ngood,10,0.5\ngood,10,0.6\n", "run good step 10 has two targets"),
+    ("run,step,target\ngood,10,high\n", "the target column must be numeric"),
+])
+def test_bad_targets_files_are_named(tmp_path, content, message):
+    path = tmp_path / "targets.csv"
+    path.write_text(content)
+    with pytest.raises(InputError, match=rf"{path}: .*{message}".replace("(", r"\(").replace(")", r"\)")):
+        read_targets(path)
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def measure(model_dir, text_path, output_dir):
+    result = subprocess.run(
+        [sys.executable, "-m", "ckpt_stability", "evaluate", "--model", str(model_dir), "--task",
+         str(text_path.parent / "task.json"), "--num-fewshot", "0", "--backend", "transformers",
+         "--output-dir", str(output_dir), "--perplexity-text", str(text_path),
+         "--perplexity-output", str(output_dir / "perplexity.json")],
+        capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return json.loads((output_dir / "perplexity.json").read_text())
+
+
+@pytest.fixture
+def heldout(tmp_path):
+    task = {"instruction": "答えてください。", "output_length": 3, "metrics": ["exact_match"], "few_shots": [],
+            "samples": [{"input": "りんごの色は？", "output": "赤"}]}
+    (tmp_path / "task.json").write_text(json.dumps(task, ensure_ascii=False), encoding="utf-8")
+    path = tmp_path / "heldout.txt"
+    path.write_text(HELDOUT, encoding="utf-8")
+    return path
+
+
+def test_perplexity_is_exp_of_the_mean_token_nll(tiny_model_dir, heldout, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    measured = measure(tiny_model_dir, heldout, tmp_path / "out")
+    ids = AutoTokenizer.from_pretrained(tiny_model_dir)(HELDOUT, return_tensors="pt")["input_ids"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        mean_nll = model(input_ids=ids, labels=ids).loss.item()  # the mean over every token but the first
+    assert measured["tokens"] == ids.shape[1] - 1
+    assert measured["perplexity"] == pytest.approx(math.exp(mean_nll), rel=1e-4)
+    assert measured["inverse_perplexity"] == pytest.approx(1 / measured["perplexity"])
+
+
+def test_a_text_longer_than_the_context_is_scored_in_windows(tiny_model_dir, heldout, tmp_path):
+    """Every token but the first is predicted exactly once, whatever the context length."""
+    short_context = tmp_path / "short-context"
+    shutil.copytree(tiny_model_dir, short_context)
+    config = json.loads((short_context / "config.json").read_text())
+    (short_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 16}))
+    full = measure(tiny_model_dir, heldout, tmp_path / "full")
+    windowed = measure(short_context, heldout, tmp_path / "windowed")
+    assert windowed["tokens"] == full["tokens"] > 16
+    assert windowed["perplexity"] != pytest.approx(full["perplexity"], rel=1e-6)  # less context per token

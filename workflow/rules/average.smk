@@ -1,0 +1,25 @@
+"""Checkpoint averaging: results/averaged/{run}/avg{n}/step{step}/, one model per window.
+
+Averaged weights are as large as a checkpoint: they are temporary unless keep_averaged is set, and
+grouped with the evaluation that reads them, so that on a cluster both run in one job on one node."""
+
+
+rule average:
+    input:
+        window_checkpoints,
+    output:
+        averaged_output("results/averaged/{run}/avg{n}/step{step}"),
+    params:
+        # the window's member steps: a change of membership rebuilds the average
+        members=window_steps,
+        dtype=f"--dtype {config['averaged_dtype']}" if config["averaged_dtype"] else "",
+    log:
+        "logs/average/{run}/avg{n}/step{step}.log",
+    threads: 2
+    group:
+        "average_and_evaluate"
+    conda:
+        CPU_ENV
+    shell:
+        "python -m ckpt_stability average --output {output} --steps {params.members} --threads {threads}"
+        " {params.dtype} {input} > {log} 2>&1"

@@ -1,0 +1,226 @@
+"""Checkpoint discovery, windows, input functions and the final targets.
+
+Runs are discovered while the workflow is parsed: every complete checkpoint directory matching a
+run's pattern is in the DAG; a checkpoint still being copied is left out with a warning and picked up
+by the next invocation. The demo's checkpoints are written by a rule of this workflow, so they count as
+present from the start and a dry run shows every job.
+"""
+
+import dataclasses
+import json
+import os
+import re
+import sys
+
+# Jobs run the package that ships with this workflow (``python -m ckpt_stability`` is the
+# ``ckpt-stability`` command), whether or not it is installed: its source goes on the path of this
+# process and, through the environment, of every job (local, cluster, or in a conda env).
+SOURCE = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SOURCE)
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")])))
+
+from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
+from snakemake_interface_executor_plugins.settings import ExecMode
+
+from ckpt_stability.atomic import write_text
+from ckpt_stability.checkpoints import plan_run
+from ckpt_stability.config import check_unique_keys
+from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
+from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
+from ckpt_stability.errors import InputError
+from ckpt_stability.gpus import visible_gpus
+from ckpt_stability.plan import Plan
+from ckpt_stability.tasks import load_task
+
+DEMO_ROOT = "results/demo"
+# the demo's runs: checkpoints that a rule of this workflow writes
+DEMO_PATTERNS = {f"{DEMO_ROOT}/{size}/checkpoint-{{step}}" for size in DEMO_MODEL_SIZES}
+CPU_ENV = "../../envs/cpu.yaml"
+GPU_ENV = "../../envs/gpu.yaml"
+
+WINDOWS = sorted(set(config["windows"]) | {1})
+LARGEST_WINDOW = max(WINDOWS)
+TASKS = list(config["tasks"])
+CHOICE_TASKS = [name for name, task in config["tasks"].items() if task["mode"] == "choice"]
+ENSEMBLE_METHODS = [method for method in ("vote", "prob") if method in config["methods"]]
+GPUS = visible_gpus()
+# Inference jobs take a GPU with the vllm backend, and with the others where this machine has one
+# (transformers then runs on it). On a cluster, profiles/slurm asks for a GPU per inference job anyway.
+INFERENCE_ON_GPU = config["backend"] == "vllm" or bool(GPUS)
+
+
+def _default_gpu_resource():
+    """On a workstation, run at most as many GPU jobs at once as this machine has GPUs, without the user
+    counting them: the global resource `gpu` defaults to the number of visible GPUs unless `--resources
+    gpu=N` set it (each GPU job then pins one, see ckpt_stability.gpus). Not on a cluster (a remote
+    executor, which needs --jobs, or a job's own Snakemake there): Slurm hands out the GPUs."""
+    if "gpu" not in workflow.global_resources and workflow.nodes is None and workflow.exec_mode == ExecMode.DEFAULT:
+        workflow.register_resource("gpu", len(GPUS))
+
+
+_default_gpu_resource()
+
+
+def demo_steps():
+    demo = config.get("demo")
+    if not demo:
+        return []
+    return list(range(demo["save_every"], demo["train_steps"] + 1, demo["save_every"]))
+
+
+def _check_inputs():
+    """Config problems the schema cannot see, and task files that exist already: a clear error now,
+    before any job runs (the demo's tasks are checked by the jobs that read them)."""
+    try:
+        for path in workflow.configfiles:
+            check_unique_keys(path)
+        for name, task in config["tasks"].items():
+            if os.path.exists(task["path"]):
+                load_task(task["path"], name=name, category=task["category"], mode=task["mode"],
+                          num_fewshot=task["num_fewshot"], max_samples=task["max_samples"])
+    except InputError as error:
+        raise WorkflowError(str(error)) from None
+
+
+_check_inputs()
+
+
+def _plan_runs():
+    runs = {}
+    for name, pattern in config["runs"].items():
+        produced = demo_steps() if pattern in DEMO_PATTERNS else []
+        try:
+            runs[name] = plan_run(name, pattern, LARGEST_WINDOW, produced)
+        except InputError as error:
+            raise WorkflowError(f"config runs.{name}: {error}") from None
+        for directory, reason in runs[name].incomplete.items():
+            logger.warning(f"run {name}: skipping incomplete checkpoint {directory} ({reason}); "
+                           f"it is picked up once complete, by the next invocation")
+    return runs
+
+
+RUNS = _plan_runs()
+
+
+wildcard_constraints:
+    run="|".join(map(re.escape, RUNS)),
+    task="|".join(map(re.escape, TASKS)),
+    step=r"\d+",
+    n=r"\d+",
+
+
+# ---------------------------------------------------------------- windows and input functions
+
+
+def write_json(path, data):
+    write_text(path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+
+
+def window_steps(wildcards):
+    """The member steps of the window of size n ending at step (comma-separated, for params)."""
+    return ",".join(map(str, RUNS[wildcards.run].window(int(wildcards.step), int(wildcards.n))))
+
+
+def window_checkpoints(wildcards):
+    run = RUNS[wildcards.run]
+    return [str(run.paths[step]) for step in run.window(int(wildcards.step), int(wildcards.n))]
+
+
+def checkpoint_dir(wildcards):
+    return str(RUNS[wildcards.run].paths[int(wildcards.step)])
+
+
+def task_files():
+    return [task["path"] for task in config["tasks"].values()]
+
+
+def evaluation_settings():
+    """Everything that shapes the prompts and their scoring: equal for every checkpoint of every run."""
+    prompt = dict(config.get("prompt", {}))
+    stop = prompt.pop("stop", ["\n"])
+    return {"tasks": config["tasks"], "prompt": prompt, "stop": stop}
+
+
+def averaged_output(path):
+    return directory(path) if config["keep_averaged"] else temp(directory(path))
+
+def model_dir(wildcards):
+    if wildcards.method == "raw":
+        return checkpoint_dir(wildcards)
+    return f"results/averaged/{wildcards.run}/avg{wildcards.n}/step{wildcards.step}"
+
+def ensemble_outputs(method, tasks):
+    return expand(f"results/predictions/{{{{run}}}}/{method}{{{{n}}}}/step{{{{step}}}}/{{task}}.parquet", task=tasks)
+
+def window_raw_predictions(wildcards):
+    """The ensemble's inputs: one prediction file of each raw evaluation in the window (it reads them all, from
+    window_raw_dirs). One output of a job stands for the job: when the job reruns, all its files are new and
+    the ensemble reruns too; a missing file is requested by rule scores, which lists every one. One file per
+    member rather than one per task keeps the DAG of long runs small (see benchmarks/bench_dag.py)."""
+    run = RUNS[wildcards.run]
+    return prediction_files(wildcards.run, "raw", 1, run.window(int(wildcards.step), int(wildcards.n)), TASKS[:1])
+
+def window_raw_dirs(wildcards):
+    run = RUNS[wildcards.run]
+    return [f"results/predictions/{wildcards.run}/raw1/step{step}"
+            for step in run.window(int(wildcards.step), int(wildcards.n))]
+
+
+# ---------------------------------------------------------------- targets
+
+
+PLAN = Plan(
+    runs={name: run.steps for name, run in RUNS.items()},
+    windows=WINDOWS,
+    methods=config["methods"],
+    tasks={name: {"category": task["category"], "mode": task["mode"]} for name, task in config["tasks"].items()},
+    final_fraction=config["final_fraction"],
+)
+
+
+def prediction_files(run, method, n, steps, tasks):
+    return [str(PLAN.path(run, method, n, step, task)) for step in steps for task in tasks]
+
+
+def all_prediction_files():
+    return [file for name in RUNS for method, n, steps, tasks in PLAN.series(name)
+            for file in prediction_files(name, method, n, steps, tasks)]
+
+
+def perplexity_input():
+    """The held-out text as an input of the evaluate rule, when one is configured."""
+    return {"heldout": config["perplexity_text"]} if config.get("perplexity_text") else {}
+
+
+def perplexity_output():
+    return {"perplexity": "results/perplexity/{run}/{method}{n}/step{step}.json"} if config.get("perplexity_text") else {}
+
+
+def perplexity_options(wildcards, input, output):
+    if not config.get("perplexity_text"):
+        return ""
+    return f"--perplexity-text {input.heldout} --perplexity-output {output.perplexity}"
+
+
+def perplexity_files():
+    """Every raw and averaged model's perplexity file, when a held-out text is configured."""
+    if not config.get("perplexity_text"):
+        return []
+    return [f"results/perplexity/{name}/{method}{n}/step{step}.json" for name in RUNS
+            for method, n, steps, _ in PLAN.series(name) if method in ("raw", "avg") for step in steps]
+
+
+def indicator_options(wildcards, input):
+    options = "--perplexity-dir results/perplexity" if input.perplexity else ""
+    return options + (f" --targets {input.targets}" if input.targets else "")
+
+
+def final_targets():
+    return [
+        "results/scores.parquet",
+        "results/tables/stability.csv",
+        "results/tables/improvement.csv",
+        "results/tables/indicators.csv",
+        "results/report/report.html",
+    ]

@@ -1,0 +1,41 @@
+"""The embedded demo: its shared data, then one pretraining run per model size (see README, "Quick start")."""
+
+
+if config.get("demo"):
+
+    rule demo_data:
+        output:
+            tasks=expand(f"{DEMO_ROOT}/tasks/{{task}}.json", task=DEMO_TASK_NAMES),
+            heldout=f"{DEMO_ROOT}/heldout.txt",
+            tokenizer=directory(f"{DEMO_ROOT}/tokenizer"),
+        params:
+            root=lambda wildcards, output: os.path.dirname(output.heldout),
+            demo=config["demo"],
+        log:
+            "logs/demo/data.log",
+        conda:
+            CPU_ENV
+        shell:
+            "python -m ckpt_stability demo data --output {params.root} --seed {params.demo[seed]}"
+            " --samples {params.demo[samples_per_task]} > {log} 2>&1"
+
+    rule demo_pretrain:
+        input:
+            tokenizer=f"{DEMO_ROOT}/tokenizer",
+        output:
+            [directory(f"{DEMO_ROOT}/{{size}}/checkpoint-{step}") for step in demo_steps()],
+        params:
+            data=lambda wildcards, input: os.path.dirname(input.tokenizer),
+            run_dir=lambda wildcards, output: os.path.dirname(output[0]),
+            demo=config["demo"],
+        wildcard_constraints:
+            size="|".join(DEMO_MODEL_SIZES),
+        log:
+            "logs/demo/pretrain_{size}.log",
+        threads: config["demo"]["threads"]
+        conda:
+            CPU_ENV
+        shell:
+            "python -m ckpt_stability demo train --data {params.data} --size {wildcards.size}"
+            " --output {params.run_dir} --seed {params.demo[seed]} --steps {params.demo[train_steps]}"
+            " --save-every {params.demo[save_every]} --threads {params.demo[threads]} > {log} 2>&1"

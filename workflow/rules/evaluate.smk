@@ -1,0 +1,58 @@
+"""Few-shot inference: results/predictions/{run}/{raw,avg}{n}/step{step}/{task}.parquet, and the model's
+perplexity on the held-out text (results/perplexity/{run}/{raw,avg}{n}/step{step}.json) when one is configured.
+
+One job per model evaluates every configured task, so each model is loaded once."""
+
+
+localrules:
+    evaluation_settings,
+
+
+rule evaluation_settings:
+    input:
+        # the task files: an edited one rewrites the settings, which re-evaluates every model (as an input
+        # of this one job rather than of each evaluation, they keep the DAG of long runs small)
+        task_files(),
+    output:
+        "results/evaluation_settings.json",
+    params:
+        settings=evaluation_settings(),
+    log:
+        "logs/evaluation_settings.log",
+    run:
+        write_json(output[0], params.settings)
+
+
+rule evaluate:
+    input:
+        model=model_dir,
+        settings="results/evaluation_settings.json",
+        **perplexity_input(),
+    output:
+        predictions=expand("results/predictions/{{run}}/{{method}}{{n}}/step{{step}}/{task}.parquet", task=TASKS),
+        **perplexity_output(),
+    params:
+        # the members of an averaged model: a change of membership re-evaluates it
+        members=window_steps,
+        output_dir=lambda wildcards, output: os.path.dirname(output.predictions[0]),
+        perplexity=perplexity_options,
+        backend=config["backend"],
+        dtype=config["dtype"],
+        batch_size=config["batch_size"],
+    wildcard_constraints:
+        method="raw|avg",
+    log:
+        "logs/evaluate/{run}/{method}{n}/step{step}.log",
+    threads: 1
+    resources:
+        gpu=1 if INFERENCE_ON_GPU else 0,
+    group:
+        "average_and_evaluate"
+    conda:
+        GPU_ENV if INFERENCE_ON_GPU else CPU_ENV
+    shell:
+        "python -m ckpt_stability evaluate --model {input.model} --settings {input.settings}"
+        " --output-dir {params.output_dir} --backend {params.backend} --dtype {params.dtype}"
+        " --batch-size {params.batch_size} --threads {threads}"
+        " --meta run={wildcards.run} --meta method={wildcards.method} --meta window={wildcards.n}"
+        " --meta step={wildcards.step} --meta members={params.members} {params.perplexity} > {log} 2>&1"

@@ -1,0 +1,22 @@
+"""Pretraining indicators: how well each proxy (1/PPL, raw and stabilised scores, a learned comparator)
+orders the models by a target: results/tables/indicators.csv. The perplexities come from the evaluate jobs."""
+
+
+rule indicators:
+    input:
+        plan="results/plan.json",
+        scores="results/scores.parquet",
+        perplexity=perplexity_files(),
+        targets=config.get("targets", []),
+    output:
+        table="results/tables/indicators.csv",
+        markdown="results/tables/indicators.md",
+    params:
+        options=indicator_options,
+    log:
+        "logs/indicators.log",
+    conda:
+        CPU_ENV
+    shell:
+        "python -m ckpt_stability indicators --plan {input.plan} --scores {input.scores} {params.options}"
+        " --output {output.table} > {log} 2>&1"

@@ -1,0 +1,32 @@
+"""The report: results/report/report.html (self-contained) and its figures under results/report/figures/."""
+
+
+rule report:
+    input:
+        plan="results/plan.json",
+        scores="results/scores.parquet",
+        stability="results/tables/stability.csv",
+        improvement="results/tables/improvement.csv",
+        indicators="results/tables/indicators.csv",
+        settings="results/evaluation_settings.json",
+        # the example-level view reads the raw predictions of every step
+        predictions=[file for name in RUNS for file in prediction_files(name, "raw", 1, PLAN.runs[name], TASKS)],
+    output:
+        report=report("results/report/report.html", caption="../report/report.rst", category="Report"),
+        figures=report(
+            directory("results/report/figures"),
+            patterns=["{run}/{figure}.png"],
+            caption="../report/figures.rst",
+            category="Figures",
+            subcategory="{run}",
+            labels={"run": "{run}", "figure": "{figure}"},
+        ),
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input.stability),
+    log:
+        "logs/report.log",
+    conda:
+        CPU_ENV
+    shell:
+        "python -m ckpt_stability report --plan {input.plan} --scores {input.scores} --tables {params.tables}"
+        " --settings {input.settings} --output {output.report} > {log} 2>&1"
