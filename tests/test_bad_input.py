@@ -55,11 +55,11 @@ def test_truncated_safetensors(run_copy, tmp_path):
     # left out with a warning (it may still be being copied); the 3 checkpoints left suffice for window 1
     code, output = dry_run(tmp_path, config_for(run_copy, windows=(1,)))
     assert code == 0, output
-    assert f"skipping incomplete checkpoint {weights.parent} (model.safetensors truncated safetensors file" \
+    assert f"skipping incomplete checkpoint {weights.parent} (model.safetensors is unreadable: truncated safetensors file" \
         in output
     direct = evaluate(weights.parent, tmp_path / "out")
     assert direct.returncode == 2
-    assert (f"{weights.parent}: not a complete checkpoint: model.safetensors truncated safetensors file"
+    assert (f"{weights.parent}: not a complete checkpoint: model.safetensors is unreadable: truncated safetensors file"
             in direct.stderr)
 
 

@@ -254,7 +254,7 @@ def test_out_of_memory_suggests_a_smaller_batch(wide_vocabulary_model, tmp_path)
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith(f"ckpt-stability evaluate: error: {wide_vocabulary_model}: task long_prompts: "
                               f"the backend ran out of memory (RuntimeError: ")
-    assert "can't allocate memory" in message and "lower batch_size (now 32)" in message
+    assert "can't allocate memory" in message and "lower batch_size (now 32; the config key, or --batch-size" in message
     assert not (tmp_path / "out").exists()
     # within the same limit, a batch of 1 fits (two samples: the wide logits make each one slow)
     assert evaluate("--batch-size", "1", "--max-samples", "2").returncode == 0

@@ -146,7 +146,7 @@ def _weight_file_problem(path: Path) -> str | None:
     try:
         read_header(path)
     except InputError as error:
-        return str(error).removeprefix(f"{path}: ")
+        return "is unreadable: " + str(error).removeprefix(f"{path}: ")
     return None
 
 

@@ -57,7 +57,8 @@ def _out_of_memory_hint(error: BaseException, batch_size: int, model_dir: str, t
     message = str(error)
     if isinstance(error, MemoryError) or "out of memory" in message.lower() or "can't allocate" in message:
         return InputError(f"{model_dir}: task {task}: the backend ran out of memory ({type(error).__name__}: "
-                          f"{message.splitlines()[0]}); lower batch_size (now {batch_size}) in the config, "
+                          f"{message.splitlines()[0]}); lower batch_size (now {batch_size}; the config key, or "
+                          f"--batch-size of ckpt-stability evaluate), "
                           f"or use a smaller dtype")
     return None
 
