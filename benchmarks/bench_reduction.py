@@ -101,7 +101,7 @@ def main() -> None:
     timings["scores table"] = time.perf_counter() - started
     started = time.perf_counter()
     stability = stability_table(plan, scores)
-    improvement = improvement_table(stability)
+    improvement = improvement_table(stability, scores)
     write_table(stability, workdir / "tables" / "stability.csv")
     write_table(improvement, workdir / "tables" / "improvement.csv")
     timings["stability + improvement"] = time.perf_counter() - started

@@ -1,6 +1,7 @@
 """The transformers backend and the evaluate command, on real tiny models and real (JGLUE) task files."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -43,6 +44,22 @@ def test_choice_logprobs_equal_a_full_sequence_forward(tiny_model_dir, reference
                          for prompt in prompts])
     assert scores.shape == (10, len(task.label_list))
     np.testing.assert_allclose(scores, expected, atol=1e-4, rtol=0)
+
+
+def test_the_prompts_shared_few_shot_context_runs_once(tiny_model_dir):
+    task = load_task(JGLUE / "jnli.json", num_fewshot=2, max_samples=12)
+    prompts = task.prompts(PromptTemplate())
+    backend = TransformersBackend(str(tiny_model_dir), batch_size=4)
+    tokens_run = []
+    backend.model.get_input_embeddings().register_forward_hook(lambda _, args, __: tokens_run.append(args[0].numel()))
+    backend.choice_logprobs(prompts, task.label_list)
+    prompt_lengths = backend.count_tokens(prompts)
+    context = PromptTemplate().context(task.instruction, [(shot.input, shot.output) for shot in task.few_shots[:2]])
+    context_length = backend.count_tokens([context])[0]
+    assert context_length > sum(prompt_lengths) / len(prompts) * 0.6
+    # the context once, then each prompt's own tokens (and some padding), then the choices: less than
+    # half of one pass over every prompt, which the context alone would take if it ran per prompt
+    assert sum(tokens_run) < sum(prompt_lengths) / 2
 
 
 def test_choices_whose_tokens_merge_with_the_prompt(tiny_model_dir, reference):
@@ -136,6 +153,43 @@ def test_evaluate_refuses_bad_tasks_cleanly(tiny_model_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"ckpt-stability evaluate: error: {bad}: samples is empty"
     assert not (tmp_path / "out").exists()
+
+
+def with_context_length(model_dir, tmp_path, context_length: int):
+    """A copy of the model whose config declares a shorter context (RoPE: no weights depend on it)."""
+    copy = tmp_path / f"context-{context_length}"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context_length}))
+    return copy
+
+
+def test_evaluate_refuses_prompts_longer_than_the_context(tiny_model_dir, reference, tmp_path):
+    _, tokenizer = reference
+    nli = load_task(JGLUE / "jnli.json", num_fewshot=2)
+    nli_needs = max(len(tokenizer(prompt + choice)["input_ids"])
+                    for prompt in nli.prompts(PromptTemplate()) for choice in nli.label_list)
+    squad = load_task(JGLUE / "jsquad.json", num_fewshot=2)
+    squad_needs = [len(tokenizer(prompt)["input_ids"]) + squad.output_length
+                   for prompt in squad.prompts(PromptTemplate())]
+    assert max(squad_needs) > nli_needs
+
+    # jnli fits exactly; jsquad does not, and is refused before jnli is run
+    model = with_context_length(tiny_model_dir, tmp_path, nli_needs)
+    result = run_evaluate(model, tmp_path / "out", JGLUE / "jnli.json", JGLUE / "jsquad.json")
+    assert result.returncode == 2
+    first = next(index for index, needs in enumerate(squad_needs) if needs > nli_needs)
+    too_long = sum(needs > nli_needs for needs in squad_needs)
+    assert result.stderr.strip().endswith(
+        f"error: {JGLUE / 'jsquad.json'}: task jsquad: {too_long} of 24 samples do not fit the {nli_needs}-token "
+        f"context of {model}; sample {first} needs {squad_needs[first]} tokens (2-shot prompt and output_length "
+        f"{squad.output_length}); lower num_fewshot of this task")
+    assert not (tmp_path / "out").exists()
+
+    assert run_evaluate(model, tmp_path / "fits", JGLUE / "jnli.json").returncode == 0
+    one_short = with_context_length(tiny_model_dir, tmp_path, nli_needs - 1)
+    result = run_evaluate(one_short, tmp_path / "short", JGLUE / "jnli.json")
+    assert result.returncode == 2 and "(2-shot prompt and its longest choice)" in result.stderr
 
 
 def test_demo_predictions_are_deterministic_across_runs(tiny_demo, tmp_path):

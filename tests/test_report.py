@@ -69,7 +69,7 @@ def report(tmp_path_factory) -> Path:
     stability = stability_table(plan, scores)
     write_scores(scores, root / "scores.parquet")
     write_table(stability, root / "tables" / "stability.csv")
-    write_table(improvement_table(stability), root / "tables" / "improvement.csv")
+    write_table(improvement_table(stability, scores), root / "tables" / "improvement.csv")
     # a later-stage score that grows with the step: the proxies of these alternating series order it partly
     (root / "targets.csv").write_text("run,step,target\n" + "".join(
         f"{run},{step},{index / len(steps) + (run == 'main') * 0.05}\n"

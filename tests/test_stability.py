@@ -217,7 +217,7 @@ def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     assert overall.ever_flipped == pytest.approx(np.mean([row("task", t, "raw").ever_flipped for t in ("t1", "t2", "t3")]))
     assert set(table.segment_start) == {30} and set(table.segment_steps) == {3}
 
-    improvement = improvement_table(table)
+    improvement = improvement_table(table, scores)
     assert len(improvement) == 6 and set(improvement.method) == {"vote"}
     t1 = improvement[improvement.name == "t1"].iloc[0]
     assert t1.delta_mean_score == pytest.approx(row("task", "t1", "vote").mean_score - row("task", "t1", "raw").mean_score)
@@ -234,10 +234,29 @@ def test_prob_rows_cover_choice_tasks_only(small_plan, tmp_path):
             for task in tasks:
                 write_series(plan, "r", "prob", 2, task, steps, [[1, 0, 1, 0]] * len(steps),
                              [["A", "B", "A", "B"]] * len(steps))
-    table = stability_table(plan, gather_scores(plan))
+    scores = gather_scores(plan)
+    table = stability_table(plan, scores)
     prob_rows = table[table.method == "prob"]
     assert set(prob_rows[prob_rows.level == "task"].name) == {"t1", "t2"}
     assert prob_rows[prob_rows.level == "task"].mtv.tolist() == [0.0, 0.0]
+
+    # against raw over the same (choice) tasks, not raw's overall row over all three
+    improvement = improvement_table(table, scores).set_index(["level", "name"])
+    raw = scores[(scores.method == "raw") & scores.step.isin([30, 40, 50])].sort_values("step")
+    raw_choice = (raw[raw.task == "t1"].score.to_numpy() + raw[raw.task == "t2"].score.to_numpy()) / 2
+    prob_overall = table[(table.method == "prob") & (table.level == "overall")].iloc[0]
+    assert improvement.loc[("overall", "overall"), "delta_mean_score"] == pytest.approx(
+        prob_overall.mean_score - raw_choice.mean())
+    raw_mtv = np.abs(np.diff(raw_choice)).mean()
+    assert raw_mtv > 0 and improvement.loc[("overall", "overall"), "mtv_ratio"] == 0
+    raw_t1_t2 = table[(table.method == "raw") & table.name.isin(["t1", "t2"])]
+    assert improvement.loc[("overall", "overall"), "instability_ratio"] == 0
+    assert raw_t1_t2.instability.mean() > 0
+    # category C2 holds t2 (choice) and t3 (generate): prob's C2 row is t2 against raw's t2
+    c2 = improvement.loc[("category", "C2")]
+    t2_raw = table[(table.method == "raw") & (table.name == "t2")].iloc[0]
+    prob_c2 = table[(table.method == "prob") & (table.name == "C2")].iloc[0]
+    assert c2.delta_mean_score == pytest.approx(prob_c2.mean_score - t2_raw.mean_score)
 
 
 def test_missing_prediction_file_is_named(small_plan):

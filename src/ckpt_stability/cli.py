@@ -126,10 +126,11 @@ def _stability(args: argparse.Namespace) -> None:
 
     from ckpt_stability.stability import Plan, improvement_table, stability_table, write_table
 
-    stability = stability_table(Plan.from_json(args.plan), pd.read_parquet(args.scores))
+    scores = pd.read_parquet(args.scores)
+    stability = stability_table(Plan.from_json(args.plan), scores)
     output = Path(args.output_dir)
     write_table(stability, output / "stability.csv")
-    write_table(improvement_table(stability), output / "improvement.csv")
+    write_table(improvement_table(stability, scores), output / "improvement.csv")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -63,14 +63,37 @@ def _out_of_memory_hint(error: BaseException, batch_size: int, model_dir: str, t
     return None
 
 
+def check_context_length(backend: Backend, task: Task, prompts: list[str], model_dir: str) -> None:
+    """Refuse a task whose prompts, with their answer, do not fit the model's context: past it the scores
+    mean nothing (positions the model never trained on), vLLM refuses such prompts, and cutting the
+    prompt would silently drop the instruction or the sample."""
+    prompt_lengths = backend.count_tokens(prompts)
+    if task.mode == "choice":
+        # every prompt ends with the same response header, so a choice adds as many tokens to any of them
+        first_prompt = backend.count_tokens([prompts[0] + choice for choice in task.label_list])
+        room, answer = max(first_prompt) - prompt_lengths[0], "its longest choice"
+    else:
+        room, answer = task.output_length, f"output_length {task.output_length}"
+    needed = [length + room for length in prompt_lengths]
+    too_long = [index for index, length in enumerate(needed) if length > backend.context_length]
+    if too_long:
+        first = too_long[0]
+        raise InputError(
+            f"{task.path}: task {task.name}: {len(too_long)} of {len(prompts)} samples do not fit the "
+            f"{backend.context_length}-token context of {model_dir}; sample {first} needs {needed[first]} tokens "
+            f"({task.num_fewshot}-shot prompt and {answer}); lower num_fewshot of this task")
+
+
 def evaluate_model(backend: Backend, model_dir: str, settings: EvaluationSettings, output_dir: str | Path,
                    provenance: dict | None = None) -> dict[str, float]:
     """Evaluate one loaded model on every task; write ``{output_dir}/{task}.parquet``; return the scores."""
     output_dir = Path(output_dir)
+    task_prompts = [task.prompts(settings.template) for task in settings.tasks]
+    for task, prompts in zip(settings.tasks, task_prompts):  # before any inference: fail in seconds
+        check_context_length(backend, task, prompts, model_dir)
     scores = {}
-    for task in settings.tasks:
+    for task, prompts in zip(settings.tasks, task_prompts):
         started = time.perf_counter()
-        prompts = task.prompts(settings.template)
         try:
             if task.mode == "choice":
                 logprobs = backend.choice_logprobs(prompts, task.label_list)

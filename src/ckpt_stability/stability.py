@@ -21,7 +21,8 @@ noise           Signal-and-Noise relative std: std / mean_score (0 where mean_sc
 Category rows: the category score at step t is the mean of its tasks' scores, and mean_score,
 final_score, std, mtv, tv_i and noise come from that series; instability, example_mtv and
 ever_flipped are the mean over its tasks. ``overall`` is the same over all tasks. The ``prob``
-method exists for choice tasks only, so its category and overall rows cover those.
+method exists for choice tasks only, so its category and overall rows cover those, and the
+improvement table compares them with raw over the same tasks.
 """
 
 from __future__ import annotations
@@ -150,14 +151,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
 
     aggregated = []
     for (run, method, window), group in tasks_frame.groupby(["run", "method", "window"], sort=False):
-        levels = [("category", category, rows) for category, rows in group.groupby("category", sort=False)]
-        levels.append(("overall", "overall", group))
-        for level, name, rows in levels:
-            mean_series = np.mean([series[run, method, window, task] for task in rows["name"]], axis=0)
-            aggregated.append({"run": run, "level": level, "name": name, "method": method, "window": window,
-                               "category": name if level == "category" else "",
-                               **series_metrics(mean_series), **rows[EXAMPLE_COLUMNS].mean().to_dict(),
-                               **rows[["segment_start", "segment_end", "segment_steps"]].iloc[0].to_dict()})
+        aggregated += _aggregate(group, lambda task: series[run, method, window, task])
     table = pd.concat([tasks_frame, pd.DataFrame(aggregated)], ignore_index=True)
     order = {"task": 0, "category": 1, "overall": 2}
     table = table.sort_values(["run", "level", "name", "method", "window"],
@@ -165,18 +159,51 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
     return table[KEYS + ["category"] + STABILITY_COLUMNS + ["segment_start", "segment_end", "segment_steps"]]
 
 
-def improvement_table(stability: pd.DataFrame) -> pd.DataFrame:
-    """Each method and window against raw: difference of mean_score, ratios of mtv and instability."""
-    raw = stability[stability["method"] == "raw"].set_index(["run", "level", "name"])
-    others = stability[stability["method"] != "raw"].copy()
-    baseline = raw.loc[list(zip(others["run"], others["level"], others["name"]))]
+def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
+    """The category and overall rows of one (run, method, window) from its task rows; ``series_of(task)``
+    is the task's score series over the final segment."""
+    first = task_rows.iloc[0]
+    levels = [("category", category, rows) for category, rows in task_rows.groupby("category", sort=False)]
+    levels.append(("overall", "overall", task_rows))
+    aggregated = []
+    for level, name, rows in levels:
+        mean_series = np.mean([series_of(task) for task in rows["name"]], axis=0)
+        aggregated.append({"run": first["run"], "level": level, "name": name, "method": first["method"],
+                           "window": first["window"], "category": name if level == "category" else "",
+                           **series_metrics(mean_series), **rows[EXAMPLE_COLUMNS].mean().to_dict(),
+                           **rows[["segment_start", "segment_end", "segment_steps"]].iloc[0].to_dict()})
+    return aggregated
+
+
+def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
+    """Each method and window against raw: difference of mean_score, ratios of mtv and instability.
+
+    The baseline covers the same tasks: a method that exists for some tasks only (``prob``, choice
+    tasks) is compared, on its category and overall rows, with raw aggregated over those tasks."""
+    task_rows = stability[stability["level"] == "task"]
+    raw_rows = task_rows[task_rows["method"] == "raw"]
+    segments = raw_rows.groupby("run")[["segment_start", "segment_end"]].first()
+    raw_scores = scores[scores["method"] == "raw"].join(segments, on="run")
+    raw_scores = raw_scores[raw_scores["step"].between(raw_scores["segment_start"], raw_scores["segment_end"])]
+    raw_series = {key: group.sort_values("step")["score"].to_numpy()
+                  for key, group in raw_scores.groupby(["run", "task"])}
+
+    baselines = []
+    for (run, method, window), rows in task_rows[task_rows["method"] != "raw"].groupby(
+            ["run", "method", "window"], sort=False):
+        same_tasks = raw_rows[(raw_rows["run"] == run) & raw_rows["name"].isin(rows["name"])]
+        same_tasks = same_tasks.assign(method=method, window=window)
+        baselines += same_tasks.to_dict("records")
+        baselines += _aggregate(same_tasks, lambda task: raw_series[run, task])
+    baseline = pd.DataFrame(baselines, columns=stability.columns)
+    others = stability[stability["method"] != "raw"].merge(baseline, on=KEYS, suffixes=("", "_raw"), validate="1:1")
 
     def ratio(column):
-        denominator = baseline[column].to_numpy()
+        denominator = others[f"{column}_raw"].to_numpy()
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(denominator == 0, np.nan, others[column].to_numpy() / denominator)
 
-    others["delta_mean_score"] = others["mean_score"].to_numpy() - baseline["mean_score"].to_numpy()
+    others["delta_mean_score"] = others["mean_score"].to_numpy() - others["mean_score_raw"].to_numpy()
     others["mtv_ratio"] = ratio("mtv")
     others["instability_ratio"] = ratio("instability")
     return others[KEYS + ["delta_mean_score", "mtv_ratio", "instability_ratio"]].reset_index(drop=True)

@@ -16,6 +16,12 @@ class Backend(ABC):
     Prompts are complete strings (see ``prompts``); everything is greedy and deterministic."""
 
     name: str
+    context_length: int
+    """How many tokens the model attends to (``max_position_embeddings``; vLLM's ``max_model_len``)."""
+
+    @abstractmethod
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens each text is, as this backend tokenizes prompts."""
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:

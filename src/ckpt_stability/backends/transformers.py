@@ -1,11 +1,13 @@
 """The transformers backend: batched inference on the CPU or a GPU, the fallback everywhere.
 
-``choice`` scoring runs each prompt once and keeps its key/value cache; the choices are then scored
-together on top of that cache, so a prompt costs one forward pass however many choices it has.
+``choice`` scoring runs what all of a task's prompts share (header and few-shot examples) once, then
+each example's own part once on top of that key/value cache, then its choices together on top of
+that: a prompt costs one forward pass over its own tokens however many choices it has.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Iterator, Sequence
 
@@ -13,6 +15,13 @@ import numpy as np
 import torch
 
 from ckpt_stability.backends.base import Backend, continuation_split, cut_at_stop, inference_dtype
+from ckpt_stability.errors import InputError
+
+
+def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all the sequences share (``commonprefix`` compares any sequences item by
+    item, through the lexicographically smallest and largest only)."""
+    return len(os.path.commonprefix(list(sequences)))
 
 
 class TransformersBackend(Backend):
@@ -32,9 +41,18 @@ class TransformersBackend(Backend):
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.torch_dtype).to(self.device).eval()
+        config = self.model.config
+        context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        if not context_length:
+            raise InputError(f"{model_dir}/config.json: no max_position_embeddings (or n_positions): "
+                             f"the model's context length is unknown")
+        self.context_length = int(context_length)
 
     def _encode(self, texts: Sequence[str]) -> list[list[int]]:
         return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self._encode(texts)]
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices in batches of similar length (longest first), to waste little on padding."""
@@ -77,35 +95,43 @@ class TransformersBackend(Backend):
         prompt_ids = self._encode(prompts)
         whole_ids = self._encode([prompt + choice for prompt in prompts for choice in choices])
         n_choices = len(choices)
+        wholes = [whole_ids[i * n_choices:(i + 1) * n_choices] for i in range(len(prompts))]
+        starts = [[continuation_split(prompt_ids[i], whole) for whole in example] for i, example in enumerate(wholes)]
+        # an example's prefix: what its choices share, up to its first scored token
+        prefix_lengths = [max(1, min(common_prefix_length(example), min(example_starts)))
+                          for example, example_starts in zip(wholes, starts)]
+        # the task's prefix (header and few-shot examples): what every prompt shares, run once for all;
+        # each example keeps at least one token of its own, whose logits score its choices' first token
+        shared = min(common_prefix_length([example[0] for example in wholes]), min(prefix_lengths) - 1)
+        shared_cache = self.model(input_ids=torch.tensor([wholes[0][0][:shared]], device=self.device),
+                                  use_cache=True, logits_to_keep=1).past_key_values if shared > 0 else None
         result = np.zeros((len(prompts), n_choices))
-        for batch in self._batches([len(ids) for ids in prompt_ids]):
-            wholes = [[whole_ids[i * n_choices + c] for c in range(n_choices)] for i in batch]
-            starts = [[continuation_split(prompt_ids[i], whole) for whole in example]
-                      for i, example in zip(batch, wholes)]
-            scores = self._score_on_shared_prefix(wholes, starts)
+        for batch in self._batches(prefix_lengths):
+            scores = self._score_on_shared_prefix([wholes[i] for i in batch], [starts[i] for i in batch],
+                                                  [prefix_lengths[i] for i in batch], shared, shared_cache)
             for row, index in enumerate(batch):
                 result[index] = scores[row]
         return result
 
-    def _score_on_shared_prefix(self, wholes: list[list[list[int]]], starts: list[list[int]]) -> np.ndarray:
-        """Score ``whole[start:]`` for every (example, choice), running each example's shared prefix once.
+    def _score_on_shared_prefix(self, wholes: list[list[list[int]]], starts: list[list[int]],
+                                prefix_lengths: list[int], shared: int, shared_cache) -> np.ndarray:
+        """Score ``whole[start:]`` for every (example, choice), running each example's prefix once.
 
-        The prefix of an example is the longest common prefix of its choices' token sequences, cut
-        before its earliest scored token. It is run once (left-padded across the batch); its cache is
-        repeated for each choice, and the choices' remaining tokens run on top of it (right-padded)."""
+        The first ``shared`` tokens (common to every example) are in ``shared_cache`` already. The rest of
+        each example's prefix runs on top of it (left-padded across the batch); that cache is repeated
+        for each choice, and the choices' remaining tokens run on top of it (right-padded)."""
         n_examples, n_choices = len(wholes), len(wholes[0])
-        prefix_lengths = []
-        for example, example_starts in zip(wholes, starts):
-            common = min(map(len, example))
-            for position in range(common):
-                if len({whole[position] for whole in example}) > 1:
-                    common = position
-                    break
-            prefix_lengths.append(max(1, min(common, min(example_starts))))
-        prefix_ids, prefix_mask = self._pad([ex[0][:p] for ex, p in zip(wholes, prefix_lengths)], left=True)
-        prefix_positions = (prefix_mask.cumsum(-1) - 1).clamp(min=0)
-        prefix = self.model(input_ids=prefix_ids, attention_mask=prefix_mask, position_ids=prefix_positions,
-                            use_cache=True)
+        query_ids, query_mask = self._pad([example[0][shared:p] for example, p in zip(wholes, prefix_lengths)],
+                                          left=True)
+        cache = None
+        if shared_cache is not None:
+            cache = copy.deepcopy(shared_cache)
+            cache.batch_repeat_interleave(n_examples)
+        prefix_mask = torch.cat([torch.ones((n_examples, shared), dtype=torch.long, device=self.device),
+                                 query_mask], dim=1)
+        query_positions = shared + (query_mask.cumsum(-1) - 1).clamp(min=0)
+        prefix = self.model(input_ids=query_ids, attention_mask=prefix_mask, position_ids=query_positions,
+                            past_key_values=cache, use_cache=True, logits_to_keep=1)
         last_logprobs = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)
         cache = prefix.past_key_values
         cache.batch_repeat_interleave(n_choices)
@@ -121,7 +147,7 @@ class TransformersBackend(Backend):
         suffix_logprobs = torch.log_softmax(suffix.logits.float(), dim=-1)
 
         scores = np.zeros((n_examples, n_choices))
-        for row, (suffix_tokens) in enumerate(suffixes):
+        for row, suffix_tokens in enumerate(suffixes):
             example, choice = divmod(row, n_choices)
             first_scored = starts[example][choice] - prefix_lengths[example]
             total = 0.0
@@ -136,7 +162,7 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
-        window = int(getattr(self.model.config, "max_position_embeddings", 2048) or 2048)
+        window = self.context_length
         chunks = []
         for ids in self._encode(texts):
             # non-overlapping windows; each window's first token is context only

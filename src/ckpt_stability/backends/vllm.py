@@ -50,6 +50,10 @@ class VllmBackend(Backend):
             **engine_options,
         )
         self.tokenizer = self.llm.get_tokenizer()
+        self.context_length = self.llm.llm_engine.model_config.max_model_len
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
     def _params(self, **options):
         from vllm import SamplingParams
@@ -86,7 +90,7 @@ class VllmBackend(Backend):
     def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
         from vllm import TokensPrompt
 
-        window = self.llm.llm_engine.model_config.max_model_len
+        window = self.context_length
         requests = []
         for ids in self.tokenizer(list(texts))["input_ids"]:
             requests.extend(TokensPrompt(prompt_token_ids=ids[start:start + window])
