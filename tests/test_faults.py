@@ -216,7 +216,7 @@ MEMORY_LIMIT = 8 * 2**30
 @pytest.fixture(scope="module")
 def wide_vocabulary_model(tiny_model_dir, tmp_path_factory) -> Path:
     """A 1-layer Llama with a 262,144-token vocabulary and the tiny model's tokenizer: its logits take 1 MiB
-    per token, so a batch of 32 prompts of 450 tokens needs 14 GiB at once."""
+    per token, so scoring a batch of 32 prompts with two choices of 450 tokens needs 28 GiB at once."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -232,12 +232,13 @@ def wide_vocabulary_model(tiny_model_dir, tmp_path_factory) -> Path:
 
 
 def test_out_of_memory_suggests_a_smaller_batch(wide_vocabulary_model, tmp_path):
-    task = tmp_path / "long_prompts.json"
+    task = tmp_path / "long_choices.json"
+    choices = ["これは長い答えの文です。" * 30 + answer for answer in ("はい", "いいえ")]
     task.write_text(json.dumps({
-        "instruction": "答えて", "output_length": 1, "metrics": ["exact_match"], "label_list": ["はい", "いいえ"],
-        "few_shots": [], "samples": [{"input": "これは長い入力の文です。" * 30, "output": "はい"}] * 32,
+        "instruction": "答えて", "output_length": 1, "metrics": ["exact_match"], "label_list": choices,
+        "few_shots": [], "samples": [{"input": "これは質問です。", "output": choices[0]}] * 32,
     }, ensure_ascii=False), encoding="utf-8")
-    # a real allocation failure, on any machine: the address space is limited (so the 14 GiB are refused
+    # a real allocation failure, on any machine: the address space is limited (so the 28 GiB are refused
     # rather than swapped or OOM-killed); on the CPU (a CUDA context alone maps more than the limit), with
     # one thread and two malloc arenas (per-thread arenas would map gigabytes on a machine with many cores)
     environment = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1", "MALLOC_ARENA_MAX": "2",
@@ -252,7 +253,7 @@ def test_out_of_memory_suggests_a_smaller_batch(wide_vocabulary_model, tmp_path)
     result = evaluate("--batch-size", "32")
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip().splitlines()[-1]
-    assert message.startswith(f"ckpt-stability evaluate: error: {wide_vocabulary_model}: task long_prompts: "
+    assert message.startswith(f"ckpt-stability evaluate: error: {wide_vocabulary_model}: task long_choices: "
                               f"the backend ran out of memory (RuntimeError: ")
     assert "can't allocate memory" in message and "lower batch_size (now 32; the config key, or --batch-size" in message
     assert not (tmp_path / "out").exists()
