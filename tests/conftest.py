@@ -1,7 +1,9 @@
 """Shared fixtures: tiny real models and a tiny demo run, built once per test session."""
 
+import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -56,6 +58,16 @@ def small_config(checkpoints, tasks_dir):
         "final_fraction": 0.5,
         "backend": "transformers",
     }
+
+
+def with_context_length(model_dir: Path, directory: Path, context_length: int) -> Path:
+    """A copy of the model under ``directory`` whose config declares another context length (RoPE: no
+    weights depend on it)."""
+    copy = directory / f"context-{context_length}"
+    shutil.copytree(model_dir, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context_length}))
+    return copy
 
 
 @pytest.fixture(scope="session")

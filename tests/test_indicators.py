@@ -2,7 +2,6 @@
 
 import json
 import math
-import shutil
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.indicators import (comparator_accuracy, final_stabilised_targets, indicators_table,
                                        kendall_tau, pairwise_accuracy, read_targets, score_proxies)
 from ckpt_stability.plan import Plan
+from conftest import with_context_length
 
 HELDOUT = "質問：りんごの色は何色ですか？\n回答：赤\n" * 6
 
@@ -162,11 +162,7 @@ def test_perplexity_is_exp_of_the_mean_token_nll(tiny_model_dir, heldout, tmp_pa
 
 def test_a_text_longer_than_the_context_is_scored_in_windows(tiny_model_dir, heldout, tmp_path):
     """Every token but the first is predicted exactly once, whatever the context length."""
-    short_context = tmp_path / "short-context"
-    shutil.copytree(tiny_model_dir, short_context)
-    config = json.loads((short_context / "config.json").read_text())
-    # room for the task's prompt, a quarter of the text
-    (short_context / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 256}))
+    short_context = with_context_length(tiny_model_dir, tmp_path, 256)  # room for the task's prompt
     heldout.write_text(HELDOUT * 10, encoding="utf-8")
     full = measure(tiny_model_dir, heldout, tmp_path / "full")
     windowed = measure(short_context, heldout, tmp_path / "windowed")

@@ -1,7 +1,6 @@
 """The transformers backend and the evaluate command, on real tiny models and real (JGLUE) task files."""
 
 import json
-import shutil
 import subprocess
 import sys
 
@@ -16,7 +15,7 @@ from ckpt_stability.backends.transformers import TransformersBackend
 from ckpt_stability.predictions import read_predictions
 from ckpt_stability.prompts import PromptTemplate
 from ckpt_stability.tasks import load_task
-from conftest import JGLUE
+from conftest import JGLUE, with_context_length
 
 
 @pytest.fixture(scope="module")
@@ -153,15 +152,6 @@ def test_evaluate_refuses_bad_tasks_cleanly(tiny_model_dir, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"ckpt-stability evaluate: error: {bad}: samples is empty"
     assert not (tmp_path / "out").exists()
-
-
-def with_context_length(model_dir, tmp_path, context_length: int):
-    """A copy of the model whose config declares a shorter context (RoPE: no weights depend on it)."""
-    copy = tmp_path / f"context-{context_length}"
-    shutil.copytree(model_dir, copy)
-    config = json.loads((copy / "config.json").read_text())
-    (copy / "config.json").write_text(json.dumps({**config, "max_position_embeddings": context_length}))
-    return copy
 
 
 def test_evaluate_refuses_prompts_longer_than_the_context(tiny_model_dir, reference, tmp_path):
