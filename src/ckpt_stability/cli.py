@@ -133,6 +133,16 @@ def _stability(args: argparse.Namespace) -> None:
     write_table(improvement_table(stability, scores), output / "improvement.csv")
 
 
+def _write_json(args: argparse.Namespace) -> None:
+    from ckpt_stability.atomic import write_text
+
+    try:
+        data = json.loads(args.document)
+    except ValueError as error:
+        raise InputError(f"write-json: not a JSON document ({error})") from None
+    write_text(Path(args.output), json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
+
+
 def _report(args: argparse.Namespace) -> None:
     from ckpt_stability.report import build_report
 
@@ -232,6 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     indicators.add_argument("--targets", help="CSV run,step,target (default: each run's final stabilised score)")
     indicators.add_argument("--output", required=True, help="the table (CSV, and Markdown beside it)")
     indicators.set_defaults(handler=_indicators)
+
+    write_json = commands.add_parser(
+        "write-json", help="write a JSON document given on the command line to a file, atomically (the "
+                           "workflow's plan and evaluation settings)")
+    write_json.add_argument("document", help="the JSON text")
+    write_json.add_argument("--output", required=True, help="the file to write")
+    write_json.set_defaults(handler=_write_json)
 
     report = commands.add_parser("report", help="the HTML report with its figures")
     report.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")

@@ -12,7 +12,7 @@ rule average:
     params:
         # the window's member steps: a change of membership rebuilds the average
         members=window_steps,
-        dtype=f"--dtype {config['averaged_dtype']}" if config["averaged_dtype"] else "",
+        dtype=f"--dtype {shlex.quote(config['averaged_dtype'])}" if config["averaged_dtype"] else "",
     log:
         "logs/average/{run}/avg{n}/step{step}.log",
     threads: 2
@@ -21,5 +21,5 @@ rule average:
     conda:
         CPU_ENV
     shell:
-        "python -m ckpt_stability average --output {output} --steps {params.members} --threads {threads}"
-        " {params.dtype} {input} > {log} 2>&1"
+        "{PYTHON} -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
+        " {params.dtype} {input:q} > {log:q} 2>&1"

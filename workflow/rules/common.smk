@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import sys
 
 # Jobs run the package that ships with this workflow (``python -m ckpt_stability`` is the
@@ -21,9 +22,8 @@ os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SOURCE, os.environ.ge
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
-from snakemake_interface_executor_plugins.settings import ExecMode
+from snakemake_interface_executor_plugins.settings import DeploymentMethod, ExecMode
 
-from ckpt_stability.atomic import write_text
 from ckpt_stability.checkpoints import plan_run
 from ckpt_stability.config import check_unique_keys
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
@@ -38,6 +38,11 @@ DEMO_ROOT = "results/demo"
 DEMO_PATTERNS = {f"{DEMO_ROOT}/{size}/checkpoint-{{step}}" for size in DEMO_MODEL_SIZES}
 CPU_ENV = "../../envs/cpu.yaml"
 GPU_ENV = "../../envs/gpu.yaml"
+# Jobs run with the interpreter that runs this workflow, whatever PATH says (a venv's snakemake started
+# from cron, say), or with their rule's conda env under --sdm conda, where `python` is that env's.
+PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(
+    sys.executable
+)
 
 WINDOWS = sorted(set(config["windows"]) | {1})
 LARGEST_WINDOW = max(WINDOWS)
@@ -111,10 +116,6 @@ wildcard_constraints:
 
 
 # ---------------------------------------------------------------- windows and input functions
-
-
-def write_json(path, data):
-    write_text(path, json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True) + "\n")
 
 
 def window_steps(wildcards):
@@ -200,7 +201,7 @@ def perplexity_output():
 def perplexity_options(wildcards, input, output):
     if not config.get("perplexity_text"):
         return ""
-    return f"--perplexity-text {input.heldout} --perplexity-output {output.perplexity}"
+    return f"--perplexity-text {shlex.quote(input.heldout)} --perplexity-output {shlex.quote(output.perplexity)}"
 
 
 def perplexity_files():
@@ -213,7 +214,7 @@ def perplexity_files():
 
 def indicator_options(wildcards, input):
     options = "--perplexity-dir results/perplexity" if input.perplexity else ""
-    return options + (f" --targets {input.targets}" if input.targets else "")
+    return options + (f" --targets {shlex.quote(input.targets)}" if input.targets else "")
 
 
 def final_targets():

@@ -16,8 +16,8 @@ if config.get("demo"):
         conda:
             CPU_ENV
         shell:
-            "python -m ckpt_stability demo data --output {params.root} --seed {params.demo[seed]}"
-            " --samples {params.demo[samples_per_task]} > {log} 2>&1"
+            "{PYTHON} -m ckpt_stability demo data --output {params.root:q} --seed {params.demo[seed]}"
+            " --samples {params.demo[samples_per_task]} > {log:q} 2>&1"
 
     rule demo_pretrain:
         input:
@@ -36,6 +36,6 @@ if config.get("demo"):
         conda:
             CPU_ENV
         shell:
-            "python -m ckpt_stability demo train --data {params.data} --size {wildcards.size}"
-            " --output {params.run_dir} --seed {params.demo[seed]} --steps {params.demo[train_steps]}"
-            " --save-every {params.demo[save_every]} --threads {params.demo[threads]} > {log} 2>&1"
+            "{PYTHON} -m ckpt_stability demo train --data {params.data:q} --size {wildcards.size}"
+            " --output {params.run_dir:q} --seed {params.demo[seed]} --steps {params.demo[train_steps]}"
+            " --save-every {params.demo[save_every]} --threads {params.demo[threads]} > {log:q} 2>&1"

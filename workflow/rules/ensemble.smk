@@ -18,13 +18,13 @@ if ENSEMBLE_METHODS:
             member_dirs=window_raw_dirs,
             tasks=",".join(TASKS),
             outputs=lambda wildcards, output: " ".join(
-                f"--{method}-dir {os.path.dirname(output[method][0])}" for method in ENSEMBLE_METHODS
+                f"--{method}-dir {shlex.quote(os.path.dirname(output[method][0]))}" for method in ENSEMBLE_METHODS
                 if output[method]),
         log:
             "logs/ensemble/{run}/n{n}/step{step}.log",
         conda:
             CPU_ENV
         shell:
-            "python -m ckpt_stability ensemble {params.member_dirs} --tasks {params.tasks} {params.outputs}"
-            " --meta run={wildcards.run} --meta window={wildcards.n} --meta step={wildcards.step}"
-            " --meta members={params.members} > {log} 2>&1"
+            "{PYTHON} -m ckpt_stability ensemble {params.member_dirs:q} --tasks {params.tasks:q} {params.outputs}"
+            " --meta run={wildcards.run:q} --meta window={wildcards.n} --meta step={wildcards.step}"
+            " --meta members={params.members:q} > {log:q} 2>&1"

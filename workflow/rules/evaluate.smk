@@ -16,11 +16,11 @@ rule evaluation_settings:
     output:
         "results/evaluation_settings.json",
     params:
-        settings=evaluation_settings(),
+        settings=json.dumps(evaluation_settings(), ensure_ascii=False),
     log:
         "logs/evaluation_settings.log",
-    run:
-        write_json(output[0], params.settings)
+    shell:
+        "{PYTHON} -m ckpt_stability write-json --output {output:q} {params.settings:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -51,8 +51,8 @@ rule evaluate:
     conda:
         GPU_ENV if INFERENCE_ON_GPU else CPU_ENV
     shell:
-        "python -m ckpt_stability evaluate --model {input.model} --settings {input.settings}"
-        " --output-dir {params.output_dir} --backend {params.backend} --dtype {params.dtype}"
+        "{PYTHON} -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
+        " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
         " --batch-size {params.batch_size} --threads {threads}"
-        " --meta run={wildcards.run} --meta method={wildcards.method} --meta window={wildcards.n}"
-        " --meta step={wildcards.step} --meta members={params.members} {params.perplexity} > {log} 2>&1"
+        " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
+        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity} > {log:q} 2>&1"

@@ -18,5 +18,5 @@ rule indicators:
     conda:
         CPU_ENV
     shell:
-        "python -m ckpt_stability indicators --plan {input.plan} --scores {input.scores} {params.options}"
-        " --output {output.table} > {log} 2>&1"
+        "{PYTHON} -m ckpt_stability indicators --plan {input.plan:q} --scores {input.scores:q} {params.options}"
+        " --output {output.table:q} > {log:q} 2>&1"

@@ -28,5 +28,5 @@ rule report:
     conda:
         CPU_ENV
     shell:
-        "python -m ckpt_stability report --plan {input.plan} --scores {input.scores} --tables {params.tables}"
-        " --settings {input.settings} --output {output.report} > {log} 2>&1"
+        "{PYTHON} -m ckpt_stability report --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
+        " --settings {input.settings:q} --output {output.report:q} > {log:q} 2>&1"

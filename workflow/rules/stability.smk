@@ -9,11 +9,11 @@ rule plan:
     output:
         "results/plan.json",
     params:
-        plan=dataclasses.asdict(PLAN),
+        plan=json.dumps(dataclasses.asdict(PLAN), ensure_ascii=False),
     log:
         "logs/plan.log",
-    run:
-        write_json(output[0], params.plan)
+    shell:
+        "{PYTHON} -m ckpt_stability write-json --output {output:q} {params.plan:q} > {log:q} 2>&1"
 
 
 rule scores:
@@ -27,7 +27,7 @@ rule scores:
     conda:
         CPU_ENV
     shell:
-        "python -m ckpt_stability scores --plan {input.plan} --output {output} > {log} 2>&1"
+        "{PYTHON} -m ckpt_stability scores --plan {input.plan:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule stability:
@@ -46,5 +46,5 @@ rule stability:
     conda:
         CPU_ENV
     shell:
-        "python -m ckpt_stability stability --plan {input.plan} --scores {input.scores}"
-        " --output-dir {params.output_dir} > {log} 2>&1"
+        "{PYTHON} -m ckpt_stability stability --plan {input.plan:q} --scores {input.scores:q}"
+        " --output-dir {params.output_dir:q} > {log:q} 2>&1"
