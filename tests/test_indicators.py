@@ -63,7 +63,7 @@ def test_the_comparator_is_at_chance_when_the_target_is_noise():
 def two_runs() -> tuple[Plan, pd.DataFrame]:
     """Scores of two runs; run "good" is better at every step, and its averaged series is steadier."""
     plan = Plan(runs={"good": [10, 20, 30, 40], "weak": [10, 20, 30, 40]}, windows=[1, 2], methods=["avg"],
-                tasks={"a": {"category": "C", "mode": "choice"}, "b": {"category": "C", "mode": "generate"}})
+                tasks={"a": {"category": "C1", "mode": "choice"}, "b": {"category": "C2", "mode": "generate"}})
     rows = []
     for run, base in (("good", 0.6), ("weak", 0.3)):
         for position, step in enumerate(plan.runs[run]):
@@ -72,7 +72,8 @@ def two_runs() -> tuple[Plan, pd.DataFrame]:
                      (run, "b", "raw", 1, step, base - wobble)]
             if position:
                 rows += [(run, "a", "avg", 2, step, base + 0.05 * position), (run, "b", "avg", 2, step, base)]
-    return plan, pd.DataFrame(rows, columns=["run", "task", "method", "window", "step", "score"])
+    scores = pd.DataFrame(rows, columns=["run", "task", "method", "window", "step", "score"])
+    return plan, scores.assign(category=scores.task.map({"a": "C1", "b": "C2"}))
 
 
 def test_score_proxies_have_every_task_and_the_overall_mean_per_series():
@@ -81,6 +82,13 @@ def test_score_proxies_have_every_task_and_the_overall_mean_per_series():
     assert sorted(proxies.columns) == ["a avg2", "a raw1", "b avg2", "b raw1", "overall avg2", "overall raw1"]
     assert proxies.loc[("good", 20), "overall raw1"] == pytest.approx((0.6 + 0.05 + 0.1 + 0.6 - 0.1) / 2)
     assert math.isnan(proxies.loc[("good", 10), "a avg2"])  # no full window of 2 at the first step
+
+
+def test_the_overall_proxy_is_the_mean_of_the_categories():
+    rows = [("r", task, category, "raw", 1, 10, score)
+            for task, category, score in (("x", "C1", 0.9), ("y", "C2", 0.2), ("z", "C2", 0.4))]
+    proxies = score_proxies(pd.DataFrame(rows, columns=["run", "task", "category", "method", "window", "step", "score"]))
+    assert proxies.loc[("r", 10), "overall raw1"] == pytest.approx((0.9 + (0.2 + 0.4) / 2) / 2)
 
 
 def test_the_stand_in_target_is_each_runs_final_stabilised_score():

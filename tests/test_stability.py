@@ -193,7 +193,7 @@ def small_plan(tmp_path):
 def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     scores = gather_scores(small_plan)
     assert len(scores) == 5 * 3 + 4 * 3  # raw: 5 steps, vote2: 4 steps; 3 tasks each
-    assert set(scores.columns) == {"run", "task", "category", "method", "window", "step", "score", "n_examples"}
+    assert set(scores.columns) == {"run", "task", "category", "method", "window", "step", "score", "n_examples", "excluded"}
     table = stability_table(small_plan, scores)
     assert small_plan.segment("r") == [30, 40, 50]  # ceil(0.5 * 5) = 3
     assert len(table) == 2 * (3 + 2 + 1)  # (raw1, vote2) x (3 tasks, 2 categories, overall)
@@ -213,8 +213,15 @@ def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     assert row("category", "C2", "vote")["std"] == pytest.approx(category_series.std())
     assert row("category", "C2", "vote").instability == pytest.approx(
         (row("task", "t2", "vote").instability + row("task", "t3", "vote").instability) / 2)
+    # overall is the mean of the categories (llm-jp-eval's AVG): C1 = {t1}, C2 = {t2, t3}
     overall = row("overall", "overall", "raw")
-    assert overall.ever_flipped == pytest.approx(np.mean([row("task", t, "raw").ever_flipped for t in ("t1", "t2", "t3")]))
+    assert overall.ever_flipped == pytest.approx(
+        np.mean([row("task", "t1", "raw").ever_flipped, row("category", "C2", "raw").ever_flipped]))
+    raw = {t: segment[(segment.task == t) & (segment.method == "raw")].sort_values("step").score.to_numpy()
+           for t in ("t1", "t2", "t3")}
+    overall_series = (raw["t1"] + (raw["t2"] + raw["t3"]) / 2) / 2
+    assert overall.mean_score == pytest.approx(overall_series.mean())
+    assert overall.mtv == pytest.approx(np.abs(np.diff(overall_series)).mean())
     assert set(table.segment_start) == {30} and set(table.segment_steps) == {3}
 
     improvement = improvement_table(table, scores)

@@ -98,3 +98,79 @@ def test_the_cron_line_reruns_with_nothing_to_do(cron_run):
                             env={"PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------- a diverged checkpoint among healthy ones
+
+POISONED = "model.layers.0.mlp.down_proj.weight"
+
+
+def poison(checkpoint: Path) -> None:
+    """One NaN in one tensor of the checkpoint, as a diverged run saves it."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    tensors[POISONED][1, 2] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+@pytest.fixture(scope="module")
+def diverged_run(tiny_demo, tmp_path_factory):
+    """Six checkpoints (steps 50 and 60 are copies of 30 and 40); step 40 holds a NaN. Windows 1 and 2, every
+    method, the held-out text; the final segment is every step where a window of 2 exists (20 to 60)."""
+    workdir = tmp_path_factory.mktemp("diverged")
+    checkpoints = workdir / "checkpoints"
+    for step, source in {10: 10, 20: 20, 30: 30, 40: 40, 50: 30, 60: 40}.items():
+        shutil.copytree(tiny_demo / "checkpoints" / f"checkpoint-{source}", checkpoints / f"checkpoint-{step}")
+    poison(checkpoints / "checkpoint-40")
+    config = small_config(checkpoints, tiny_demo / "tasks")
+    config["final_fraction"] = 1.0
+    config["perplexity_text"] = str(tiny_demo / "heldout.txt")
+    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+    from conftest import snakemake
+
+    result = snakemake(workdir)
+    return workdir, result
+
+
+def test_a_diverged_checkpoint_leaves_the_others_their_results(diverged_run):
+    workdir, result = diverged_run
+    assert result.returncode == 0, result.stderr[-4000:]
+    scores = pd.read_parquet(workdir / "results" / "scores.parquet")
+    excluded = scores[scores.excluded.notna()]
+    # the raw checkpoint, and every window that contains it (avg, vote, prob of 2 at steps 40 and 50)
+    assert set(zip(excluded.method, excluded.step)) == {("raw", 40), ("avg", 40), ("avg", 50), ("vote", 40),
+                                                        ("vote", 50), ("prob", 40), ("prob", 50)}
+    assert excluded.score.isna().all()
+    raw = excluded[excluded.method == "raw"].excluded.iloc[0]
+    assert "checkpoint-40/model.safetensors" in raw and POISONED in raw and "nan" in raw
+    for method in ("avg", "vote", "prob"):
+        reason = excluded[excluded.method == method].excluded.iloc[0]
+        assert reason.startswith("not built") and POISONED in reason, reason
+    healthy = scores[scores.excluded.isna()]
+    assert healthy.score.notna().all() and len(healthy) == len(scores) - len(excluded)
+
+
+def test_the_tables_cover_the_healthy_steps_and_say_which_were_excluded(diverged_run):
+    workdir, _ = diverged_run
+    tables = workdir / "results" / "tables"
+    stability = pd.read_csv(tables / "stability.csv", dtype={"excluded_steps": str})
+    assert stability[["mean_score", "mtv", "instability", "ever_flipped"]].notna().all().all()
+    assert set(stability[stability.method == "raw"].excluded_steps) == {"40"}
+    assert set(stability[stability.method != "raw"].excluded_steps) == {"40 50"}
+    listed = pd.read_csv(tables / "excluded.csv")
+    assert set(zip(listed.method, listed.window, listed.step)) == {
+        ("raw", 1, 40), *((method, 2, step) for method in ("avg", "vote", "prob") for step in (40, 50))}
+    indicators = pd.read_csv(tables / "indicators.csv")
+    # 1/PPL of steps 10, 20, 30 and 50: 40 was excluded, 60 (the last) gives the stand-in target
+    assert indicators[indicators.proxy == "1/PPL raw1"].n_models.item() == 4
+
+
+def test_the_report_names_the_broken_step_and_tensor(diverged_run):
+    workdir, _ = diverged_run
+    page = (workdir / "results" / "report" / "report.html").read_text(encoding="utf-8")
+    section = page[page.index('id="excluded-tiny"'):]
+    section = section[:section.index("</div>")]
+    assert "<td class=\"number\">40</td><td>raw1</td>" in section
+    assert POISONED in section and "checkpoint-40/model.safetensors" in section

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ckpt_stability import __version__
-from ckpt_stability.errors import InputError
+from ckpt_stability.errors import InputError, UnusableCheckpoint
 
 log = logging.getLogger("ckpt_stability")
 
@@ -52,10 +52,17 @@ def _size(text: str) -> int:
 
 def _average(args: argparse.Namespace) -> None:
     from ckpt_stability.averaging import average_checkpoints
+    from ckpt_stability.outcomes import write_excluded_directory
 
     steps = [int(step) for step in args.steps.split(",")] if args.steps else None
-    average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), dtype=args.dtype,
-                        max_shard_size=args.max_shard_size, steps=steps, threads=args.threads)
+    try:
+        average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), dtype=args.dtype,
+                            max_shard_size=args.max_shard_size, steps=steps, threads=args.threads)
+    except UnusableCheckpoint as error:
+        if not args.record_unusable:
+            raise
+        write_excluded_directory(Path(args.output), f"not built: {error}")
+        log.warning("%s: not built: %s", args.output, error)
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -65,21 +72,38 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     from ckpt_stability.backends import load_backend
     from ckpt_stability.checkpoints import check_model_dir
-    from ckpt_stability.evaluate import EvaluationSettings, evaluate_model, measure_perplexity
+    from ckpt_stability.evaluate import EvaluationSettings, evaluate_model, measure_perplexity, record_excluded
+    from ckpt_stability.outcomes import check_finite, check_not_excluded, loading_failure
     from ckpt_stability.tasks import load_task
 
     if args.settings:
         settings = EvaluationSettings.from_json(args.settings)
     else:
         settings = EvaluationSettings([
-            load_task(path, mode=args.mode, num_fewshot=args.num_fewshot, max_samples=args.max_samples)
+            load_task(path, mode=args.mode, num_fewshot=args.num_fewshot, max_samples=args.max_samples,
+                      few_shot_source=args.few_shot_source)
             for path in args.task
-        ])
+        ], add_special_tokens=not args.no_special_tokens)
     if bool(args.perplexity_text) != bool(args.perplexity_output):
         raise InputError("--perplexity-text and --perplexity-output go together")
-    check_model_dir(args.model)
-    backend = load_backend(args.backend, args.model, dtype=args.dtype, batch_size=args.batch_size,
-                           threads=args.threads)
+    model = Path(args.model)
+    try:
+        check_not_excluded(model)
+        check_model_dir(model)
+        check_finite(model)
+        try:
+            backend = load_backend(args.backend, args.model, dtype=args.dtype, batch_size=args.batch_size,
+                                   threads=args.threads, add_special_tokens=settings.add_special_tokens)
+        except (InputError, KeyboardInterrupt):
+            raise
+        except Exception as error:
+            raise loading_failure(error, model) or error
+    except UnusableCheckpoint as error:
+        if not args.record_unusable:
+            raise
+        record_excluded(model, str(error), settings, args.output_dir,
+                        Path(args.perplexity_output) if args.perplexity_output else None, _meta(args.meta))
+        return
     try:
         evaluate_model(backend, args.model, settings, args.output_dir, provenance=_meta(args.meta))
         if args.perplexity_text:
@@ -124,13 +148,15 @@ def _scores(args: argparse.Namespace) -> None:
 def _stability(args: argparse.Namespace) -> None:
     import pandas as pd
 
-    from ckpt_stability.stability import Plan, improvement_table, stability_table, write_table
+    from ckpt_stability.stability import (Plan, excluded_models, improvement_table, stability_table,
+                                          write_table)
 
     scores = pd.read_parquet(args.scores)
     stability = stability_table(Plan.from_json(args.plan), scores)
     output = Path(args.output_dir)
     write_table(stability, output / "stability.csv")
     write_table(improvement_table(stability, scores), output / "improvement.csv")
+    write_table(excluded_models(scores), output / "excluded.csv")
 
 
 def _write_json(args: argparse.Namespace) -> None:
@@ -157,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from ckpt_stability.demo import MODEL_SIZES, DemoSettings
+    from ckpt_stability.tasks import FEW_SHOT_SOURCES
 
     defaults = DemoSettings()
     demo = commands.add_parser("demo", help="the embedded demo: its data, and the pretraining of its runs")
@@ -189,6 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--steps", help="the members' steps, comma-separated, recorded in the provenance file")
     average.add_argument("--threads", type=int, help="worker threads (default: the CPUs this process may use, "
                                                       "at most 8)")
+    average.add_argument("--record-unusable", action="store_true",
+                         help="when a member is unusable (non-finite or broken weights), write the output "
+                              "directory with only excluded.json, holding the reason, and exit 0")
     average.set_defaults(handler=_average)
 
     evaluate = commands.add_parser("evaluate", help="few-shot evaluation of one model on llm-jp-eval tasks")
@@ -202,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--mode", choices=["auto", "generate", "choice"], default="auto",
                           help="with --task: scoring mode; auto = choice when the file has a label_list")
     evaluate.add_argument("--max-samples", type=int, help="with --task: evaluate the first N samples")
+    evaluate.add_argument("--few-shot-source", choices=FEW_SHOT_SOURCES, default="auto",
+                          help="with --task: the file's own few_shots, the samples of ../train/<file name> "
+                               "(llm-jp-eval's layout), or auto: the file's when it has enough, else train")
+    evaluate.add_argument("--no-special-tokens", action="store_true",
+                          help="with --task: tokenize prompts without special tokens (no BOS), as llm-jp's "
+                               "v1.4.1 runs do")
     evaluate.add_argument("--backend", choices=["auto", "transformers", "vllm"], default="auto")
     evaluate.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto")
     evaluate.add_argument("--batch-size", type=int, default=16)
@@ -212,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="also measure the model's perplexity on this held-out text (UTF-8) ...")
     evaluate.add_argument("--perplexity-output", metavar="JSON",
                           help="... and write nll, tokens, perplexity and inverse_perplexity here")
+    evaluate.add_argument("--record-unusable", action="store_true",
+                          help="when the model is unusable (non-finite or broken weights, does not load), write "
+                               "its outputs without results, holding the reason, and exit 0")
     evaluate.set_defaults(handler=_evaluate)
 
     ensemble = commands.add_parser("ensemble", help="combine the raw predictions of a window's checkpoints")
@@ -232,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     stability = commands.add_parser("stability", help="stability and improvement tables")
     stability.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
     stability.add_argument("--scores", required=True, help="the scores table written by `scores`")
-    stability.add_argument("--output-dir", required=True, help="writes stability.csv/.md and improvement.csv/.md")
+    stability.add_argument("--output-dir", required=True,
+                           help="writes stability.csv/.md, improvement.csv/.md and excluded.csv/.md")
     stability.set_defaults(handler=_stability)
 
     indicators = commands.add_parser("indicators", help="how well each proxy orders models by a target")

@@ -18,7 +18,7 @@ import numpy as np
 
 from ckpt_stability.errors import InputError
 from ckpt_stability.metrics import score_examples
-from ckpt_stability.predictions import Predictions, read_predictions, write_predictions
+from ckpt_stability.predictions import Predictions, excluded_predictions, read_predictions, write_predictions
 
 METHODS = ("vote", "prob")
 
@@ -110,11 +110,20 @@ def ensemble_window(member_dirs: list[Path], tasks: list[str], outputs: dict[str
     for task in tasks:
         paths = [Path(directory) / f"{task}.parquet" for directory in member_dirs]
         members = [read_predictions(path) for path in paths]
-        _check_aligned(members, paths)
+        excluded = next((member for member in members if member.excluded), None)
+        if excluded is None:
+            _check_aligned(members, paths)
         for method, directory in outputs.items():
             if method == "prob" and members[0].provenance["task"]["mode"] != "choice":
                 continue
-            result = combine(members, paths, method, provenance)
+            if excluded is None:
+                result = combine(members, paths, method, provenance)
+            else:  # like an average over the same window: not built
+                step = excluded.provenance.get("step", excluded.provenance.get("model_path"))
+                result = excluded_predictions(
+                    f"not built: the window contains step {step}, which was excluded: {excluded.excluded}",
+                    {**{key: excluded.provenance[key] for key in ("task", "prompt", "versions")},
+                     **(provenance or {}), "method": method, "member_files": [str(path) for path in paths]})
             write_predictions(Path(directory) / f"{task}.parquet", result)
             scores[task, method] = result.task_score
     return scores

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from ckpt_stability.errors import InputError
+from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
@@ -44,9 +45,12 @@ COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "
 
 
 def score_proxies(scores: pd.DataFrame) -> pd.DataFrame:
-    """Models x proxies from the scores table: every task's score and the overall mean, per series."""
-    frame = scores.copy()
-    overall = frame.groupby(["run", "method", "window", "step"], as_index=False)["score"].mean()
+    """Models x proxies from the scores table: every task's score and the overall score (the mean of the
+    categories' means, llm-jp-eval's AVG), per series. Excluded models (no score) have no proxy values."""
+    frame = scores[scores["score"].notna()]
+    series = ["run", "method", "window", "step"]
+    overall = frame.groupby([*series, "category"], as_index=False)["score"].mean().groupby(series, as_index=False)[
+        "score"].mean()
     overall["task"] = "overall"
     frame = pd.concat([frame[overall.columns], overall], ignore_index=True)
     frame["proxy"] = frame["task"] + " " + frame["method"] + frame["window"].astype(str)
@@ -63,10 +67,11 @@ def perplexity_proxies(plan: Plan, directory: Path) -> pd.DataFrame:
             for step in series_steps:
                 path = directory / run / f"{method}{window}" / f"step{step}.json"
                 try:
-                    value = json.loads(path.read_text(encoding="utf-8"))["inverse_perplexity"]
+                    record = json.loads(path.read_text(encoding="utf-8"))
+                    if EXCLUDED_KEY not in record:
+                        rows.append((run, step, f"1/PPL {method}{window}", record["inverse_perplexity"]))
                 except (OSError, ValueError, KeyError) as error:
                     raise InputError(f"{path}: not a perplexity file of this workflow ({error})") from None
-                rows.append((run, step, f"1/PPL {method}{window}", value))
     frame = pd.DataFrame(rows, columns=["run", "step", "proxy", "value"])
     return frame.pivot_table(index=["run", "step"], columns="proxy", values="value")
 
@@ -96,7 +101,7 @@ def final_stabilised_targets(plan: Plan, proxies: pd.DataFrame) -> pd.Series:
     column = f"overall {method}{largest if method != 'raw' else 1}"
     targets = {}
     for run, steps in plan.runs.items():
-        final = proxies.loc[(run, steps[-1]), column]
+        final = proxies[column].get((run, steps[-1]), math.nan)  # NaN: that model was excluded
         for step in steps[:-1]:
             targets[run, step] = final
     return pd.Series(targets, name=f"{column} at the run's last step").rename_axis(["run", "step"])

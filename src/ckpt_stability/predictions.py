@@ -4,6 +4,10 @@ One row per example: ``example_id`` (int), ``prediction`` (str), ``gold`` (str),
 ``choice_logprobs`` (list of float, or null). The schema metadata key ``ckpt_stability`` holds the
 provenance as JSON: model, backend and library versions, the task (file hash, category, mode,
 metric, labels), the prompt settings and hashes, and the task score.
+
+A model that could not be evaluated (``errors.UnusableCheckpoint``: a diverged or broken checkpoint, or
+an ensemble or average whose window contains one) still gets its files: no rows, a NaN score, and the
+reason under the provenance key ``excluded``. The reductions leave such models out and say why.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import pyarrow.parquet as pq
 
 from ckpt_stability.atomic import atomic_file
 from ckpt_stability.errors import InputError
+from ckpt_stability.outcomes import EXCLUDED_KEY
 
 METADATA_KEY = b"ckpt_stability"
 SCHEMA = pa.schema([
@@ -42,8 +47,19 @@ class Predictions:
     provenance: dict
 
     @property
+    def excluded(self) -> str | None:
+        """Why this model was left out, or None for a model that was evaluated."""
+        return self.provenance.get(EXCLUDED_KEY)
+
+    @property
     def task_score(self) -> float:
-        return float(np.mean(self.score))
+        return float(np.mean(self.score)) if len(self.score) else float("nan")
+
+
+def excluded_predictions(reason: str, provenance: dict) -> Predictions:
+    """The predictions file of a model that could not be evaluated: no rows, the reason in the provenance."""
+    return Predictions(example_id=np.zeros(0, np.int64), prediction=[], gold=[], score=np.zeros(0),
+                       choice_logprobs=None, provenance={**provenance, EXCLUDED_KEY: reason})
 
 
 def write_predictions(path: str | Path, predictions: Predictions) -> None:

@@ -37,9 +37,10 @@ from matplotlib.patches import Patch
 from ckpt_stability import __version__
 from ckpt_stability.atomic import atomic_directory, write_text
 from ckpt_stability.errors import InputError
+from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 from ckpt_stability.predictions import METADATA_KEY, read_table
-from ckpt_stability.stability import series_metrics
+from ckpt_stability.stability import excluded_models, series_metrics
 
 METHODS = ["raw", "avg", "vote", "prob"]
 METHOD_LABELS = {"raw": "raw checkpoint", "avg": "weight averaging", "vote": "majority vote",
@@ -53,11 +54,12 @@ HEATMAP_EXAMPLES = 20
 HEATMAP_STEPS = 120
 """The heatmaps show at most this many of the last steps (always the whole final segment)."""
 SEGMENT_COLOR = "#e6e6e6"
+EXCLUDED_STYLE = {"color": "#c0392b", "ls": ":", "lw": 1.4}
 SCORE_COLORS = LinearSegmentedColormap.from_list("score", ["#e8912d", "#f7f7f7", "#2166ac"])
 DPI = 110
 REPORT_PACKAGES = ["numpy", "pandas", "pyarrow", "matplotlib", "seaborn", "jinja2"]
 STABILITY_COLUMNS = ["level", "name", "method", "window", "mean_score", "final_score", "std", "mtv", "instability",
-                     "example_mtv", "ever_flipped", "tv_i", "noise"]
+                     "example_mtv", "ever_flipped", "tv_i", "noise", "excluded_steps"]
 INDICATOR_COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
                      "kendall_tau", "spread"]
 INDICATOR_SCORE_PROXIES = 15
@@ -79,10 +81,12 @@ class RawTask:
     """The raw checkpoints' per-example scores of one task over every step of a run."""
 
     example_ids: np.ndarray
+    steps: list[int]
+    """the run's steps whose model was evaluated (excluded ones are left out)"""
     scores: np.ndarray
-    """[step, example]"""
+    """[step, example], over ``steps``"""
     provenance: list[dict]
-    """one per step"""
+    """one per step of the run, excluded ones included"""
 
 
 # ---------------------------------------------------------------- inputs
@@ -92,11 +96,21 @@ class ScoreSeries:
     """A run's score series, indexed by step, averaged over any set of tasks."""
 
     def __init__(self, scores: pd.DataFrame, run: str):
+        self._category = dict(zip(scores["task"], scores["category"]))
+        raw = scores[(scores["run"] == run) & (scores["method"] == "raw")]
+        self.excluded_raw_steps = sorted(set(raw.loc[raw[EXCLUDED_KEY].notna(), "step"]))
+        """the checkpoints that could not be evaluated, marked on the trajectories"""
         self._wide = scores[scores["run"] == run].pivot_table(index="step", columns=["method", "window", "task"],
-                                                              values="score")
+                                                              values="score", dropna=False)
 
     def mean(self, method: str, window: int, tasks: list[str]) -> pd.Series:
-        return self._wide[method][window][tasks].mean(axis=1).dropna()
+        """The score of ``tasks`` (the mean of their categories' means, as llm-jp-eval's AVG) at every step
+        whose model was evaluated (excluded ones are NaN, left out)."""
+        frame = self._wide[method][window][tasks]
+        categories = pd.concat([frame[group].mean(axis=1, skipna=False)
+                                for group in pd.Series(tasks).groupby([self._category[t] for t in tasks]).agg(list)],
+                               axis=1)
+        return categories.mean(axis=1, skipna=False).dropna()
 
 
 def covered_tasks(plan: Plan, method: str, tasks: list[str]) -> list[str]:
@@ -116,11 +130,14 @@ def read_raw(plan: Plan, run: str, threads: int = 4) -> dict[str, RawTask]:
         read = {task: list(pool.map(_read_raw_file, task_paths)) for task, task_paths in paths.items()}
     result = {}
     for task, files in read.items():
-        first_ids = files[0][0]
-        for path, (ids, _, _) in zip(paths[task][1:], files[1:]):
+        evaluated = [(step, path, file) for step, path, file in zip(steps, paths[task], files)
+                     if EXCLUDED_KEY not in file[2]]
+        first_path, (first_ids, _, _) = evaluated[0][1], evaluated[0][2]
+        for _, path, (ids, _, _) in evaluated[1:]:
             if not np.array_equal(ids, first_ids):
-                raise InputError(f"{path}: its examples differ from those of {paths[task][0]}")
-        result[task] = RawTask(first_ids, np.stack([scores for _, scores, _ in files]),
+                raise InputError(f"{path}: its examples differ from those of {first_path}")
+        result[task] = RawTask(first_ids, [step for step, _, _ in evaluated],
+                               np.stack([scores for _, _, (_, scores, _) in evaluated]),
                                [provenance for _, _, provenance in files])
     return result
 
@@ -129,7 +146,9 @@ def _read_csv(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: table is missing")
     # names stay strings even where they look like numbers (a run called 2024)
-    return pd.read_csv(path, dtype={"run": str, "level": str, "name": str, "method": str, "category": str})
+    frame = pd.read_csv(path, dtype={"run": str, "level": str, "name": str, "method": str, "category": str,
+                                     "excluded_steps": str})
+    return frame.fillna({"excluded_steps": ""}) if "excluded_steps" in frame else frame
 
 
 # ---------------------------------------------------------------- figures
@@ -188,9 +207,12 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
             # raw thin and on top, so that it stays visible where a window's line coincides with it
             raw = series.mean("raw", 1, tasks_here)
             ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS["raw"], lw=1.0)
+            for step in series.excluded_raw_steps:
+                ax.axvline(step, **EXCLUDED_STYLE)
     handles = ([Line2D([], [], color=METHOD_COLORS["raw"], lw=1.0, label="raw (n = 1)")]
                + [Line2D([], [], color=window_colors[w], lw=2.0, label=f"n = {w}") for w in windows]
-               + [Patch(color=SEGMENT_COLOR, label="final segment")])
+               + [Patch(color=SEGMENT_COLOR, label="final segment")]
+               + [Line2D([], [], label="excluded checkpoint", **EXCLUDED_STYLE)] * bool(series.excluded_raw_steps))
     figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
     return figure
 
@@ -302,9 +324,11 @@ def indicators_section(table: pd.DataFrame, figures: FigureWriter) -> dict:
     }
 
 
-def example_heatmap(task: str, steps: list[int], segment: list[int], raw: RawTask) -> tuple[MplFigure, dict]:
+def example_heatmap(task: str, segment: list[int], raw: RawTask) -> tuple[MplFigure, dict]:
     """Correct/incorrect per example and step for the examples whose raw score changes most often,
-    ranked by changes in the final segment, then over all steps."""
+    ranked by changes in the final segment, then over all steps (the evaluated ones)."""
+    steps = raw.steps
+    segment = [step for step in segment if step in steps]
     changed = np.diff(raw.scores, axis=0) != 0
     in_segment = changed[len(steps) - len(segment):].sum(axis=0)
     overall = changed.sum(axis=0)
@@ -341,7 +365,8 @@ def example_heatmap(task: str, steps: list[int], segment: list[int], raw: RawTas
 def raw_baseline(series: ScoreSeries, table: pd.DataFrame, tasks: list[str], segment: list[int]) -> dict[str, float]:
     """Raw's MTV and instability over ``tasks``: a group's instability is the mean of its tasks'."""
     task_rows = table[(table["level"] == "task") & (table["method"] == "raw") & table["name"].isin(tasks)]
-    return {"mtv": series_metrics(series.mean("raw", 1, tasks).loc[segment].to_numpy())["mtv"],
+    values = series.mean("raw", 1, tasks)  # the evaluated steps only
+    return {"mtv": series_metrics(values[values.index.isin(segment)].to_numpy())["mtv"],
             "instability": float(task_rows["instability"].mean())}
 
 
@@ -511,7 +536,7 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
                          "Per task, for the raw checkpoints and every method and window.")
     heatmaps, flip_stats = [], []
     for task in tasks:
-        figure, stats = example_heatmap(task, plan.runs[run], segment, raw[task])
+        figure, stats = example_heatmap(task, segment, raw[task])
         heatmaps.append(figures.save(
             figure, f"{directory}/examples_{safe_name(task)}", task,
             f"{stats['shown']} of {stats['examples']} examples; {stats['flipped_all']:.0%} of the examples change "
@@ -522,6 +547,7 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
         "anchor": safe_name(run),
         "segment_text": segment_text,
         "summary": summarise(plan, run, series, table),
+        "excluded": excluded_models(scores[scores["run"] == run]).to_dict("records"),
         "trajectories": trajectories,
         "by_window": by_window,
         "flips": flips,

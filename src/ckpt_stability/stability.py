@@ -36,6 +36,7 @@ import pandas as pd
 from ckpt_stability.atomic import atomic_file, write_text
 from ckpt_stability.errors import InputError
 from ckpt_stability.metrics import exact_match, prediction_similarity
+from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 from ckpt_stability.predictions import read_provenance, read_table
 
@@ -44,6 +45,8 @@ EXAMPLE_COLUMNS = ["instability", "example_mtv", "ever_flipped"]
 STABILITY_COLUMNS = ["mean_score", "final_score", "std", "mtv", "instability", "example_mtv", "ever_flipped",
                      "tv_i", "noise"]
 KEYS = ["run", "level", "name", "method", "window"]
+SEGMENT_COLUMNS = ["segment_start", "segment_end", "segment_steps", "excluded_steps"]
+"""the final segment, and its steps whose model was excluded (space-separated) and left out of the row"""
 
 
 # ---------------------------------------------------------------- scores
@@ -63,15 +66,26 @@ def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
     frame = pd.DataFrame(rows, columns=["run", "task", "category", "method", "window", "step"])
     frame["score"] = [p["score"] for p in provenances]
     frame["n_examples"] = [p["n_examples"] for p in provenances]
+    frame[EXCLUDED_KEY] = [p.get(EXCLUDED_KEY) for p in provenances]
     return frame
+
+
+def excluded_models(scores: pd.DataFrame) -> pd.DataFrame:
+    """The models left out of the results, one row each: run, method, window, step and the reason."""
+    rows = scores[scores[EXCLUDED_KEY].notna()]
+    return (rows.drop_duplicates(["run", "method", "window", "step"])[["run", "method", "window", "step", EXCLUDED_KEY]]
+            .rename(columns={EXCLUDED_KEY: "reason"}).sort_values(["run", "step", "method", "window"])
+            .reset_index(drop=True))
 
 
 # ---------------------------------------------------------------- metrics
 
 
 def series_metrics(scores: np.ndarray) -> dict[str, float]:
-    """The metrics of one score series L_1..L_T (T >= 2)."""
+    """The metrics of one score series L_1..L_T; NaN where T < 2 (excluded models left too few steps)."""
     scores = np.asarray(scores, dtype=float)
+    if len(scores) < 2:
+        return dict.fromkeys(SERIES_COLUMNS, np.nan)
     steps = len(scores)
     mean = scores.mean()
     std = (scores - scores[0]).std()  # shifted first: a flat series has exactly 0
@@ -119,60 +133,68 @@ def _read_segment(plan: Plan, run: str, method: str, window: int, task: str, ste
 def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.DataFrame:
     """One row per (run, level, name, method, window); see the module docstring."""
     metric_of = {}
+    excluded = scores[scores[EXCLUDED_KEY].notna()].groupby(["run", "method", "window"])["step"].agg(set)
     jobs = []
     for run in plan.runs:
         segment = plan.segment(run)
         for method, window, _, tasks in plan.series(run):
+            healthy = [step for step in segment if step not in excluded.get((run, method, window), set())]
             for task in tasks:
-                jobs.append((run, method, window, task, segment))
+                jobs.append((run, method, window, task, segment, healthy))
     for task in plan.tasks:
         path = next(plan.path(run, "raw", 1, plan.runs[run][-1], task) for run in plan.runs)
         metric_of[task] = read_provenance(path)["task"]["metric"]
 
     def task_row(job):
-        run, method, window, task, segment = job
-        matrix, predictions = _read_segment(plan, run, method, window, task, segment)
+        run, method, window, task, _, healthy = job
+        if len(healthy) < 2:
+            return dict.fromkeys(EXAMPLE_COLUMNS, np.nan)
+        matrix, predictions = _read_segment(plan, run, method, window, task, healthy)
         return example_metrics(matrix, predictions, plan.tasks[task]["mode"], metric_of[task])
 
     with ThreadPoolExecutor(threads) as pool:
         example_rows = list(pool.map(task_row, jobs))
 
-    segment_scores = scores.merge(
+    segment_scores = scores[scores[EXCLUDED_KEY].isna()].merge(
         pd.DataFrame([(run, step) for run in plan.runs for step in plan.segment(run)], columns=["run", "step"]))
     series = {key: group.sort_values("step")["score"].to_numpy()
               for key, group in segment_scores.groupby(["run", "method", "window", "task"])}
     per_task = []
-    for (run, method, window, task, segment), example_row in zip(jobs, example_rows):
+    for (run, method, window, task, segment, healthy), example_row in zip(jobs, example_rows):
         per_task.append({"run": run, "level": "task", "name": task, "method": method, "window": window,
                          "category": plan.tasks[task]["category"],
-                         **series_metrics(series[run, method, window, task]), **example_row,
-                         "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment)})
+                         **series_metrics(series.get((run, method, window, task), np.zeros(0))), **example_row,
+                         "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment),
+                         "excluded_steps": " ".join(str(step) for step in segment if step not in healthy)})
     tasks_frame = pd.DataFrame(per_task)
 
     aggregated = []
     for (run, method, window), group in tasks_frame.groupby(["run", "method", "window"], sort=False):
-        aggregated += _aggregate(group, lambda task: series[run, method, window, task])
+        aggregated += _aggregate(group, lambda task: series.get((run, method, window, task), np.zeros(0)))
     table = pd.concat([tasks_frame, pd.DataFrame(aggregated)], ignore_index=True)
     order = {"task": 0, "category": 1, "overall": 2}
     table = table.sort_values(["run", "level", "name", "method", "window"],
                               key=lambda col: col.map(order) if col.name == "level" else col)
-    return table[KEYS + ["category"] + STABILITY_COLUMNS + ["segment_start", "segment_end", "segment_steps"]]
+    return table[KEYS + ["category"] + STABILITY_COLUMNS + SEGMENT_COLUMNS]
 
 
 def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
     """The category and overall rows of one (run, method, window) from its task rows; ``series_of(task)``
-    is the task's score series over the final segment."""
+    is the task's score series over the final segment. A category averages its tasks; ``overall``
+    averages the categories (llm-jp-eval's AVG), so that a category of many tasks weighs as much as one
+    of a single task."""
     first = task_rows.iloc[0]
-    levels = [("category", category, rows) for category, rows in task_rows.groupby("category", sort=False)]
-    levels.append(("overall", "overall", task_rows))
-    aggregated = []
-    for level, name, rows in levels:
-        mean_series = np.mean([series_of(task) for task in rows["name"]], axis=0)
-        aggregated.append({"run": first["run"], "level": level, "name": name, "method": first["method"],
-                           "window": first["window"], "category": name if level == "category" else "",
-                           **series_metrics(mean_series), **rows[EXAMPLE_COLUMNS].mean().to_dict(),
-                           **rows[["segment_start", "segment_end", "segment_steps"]].iloc[0].to_dict()})
-    return aggregated
+    categories = []
+    for category, rows in task_rows.groupby("category", sort=False):
+        categories.append({"run": first["run"], "level": "category", "name": category, "method": first["method"],
+                           "window": first["window"], "category": category,
+                           "series": np.mean([series_of(task) for task in rows["name"]], axis=0),
+                           **rows[EXAMPLE_COLUMNS].mean().to_dict(), **rows[SEGMENT_COLUMNS].iloc[0].to_dict()})
+    overall = {**categories[0], "level": "overall", "name": "overall", "category": "",
+               "series": np.mean([category["series"] for category in categories], axis=0),
+               **{column: float(np.mean([category[column] for category in categories])) for column in EXAMPLE_COLUMNS}}
+    return [{**{key: value for key, value in row.items() if key != "series"}, **series_metrics(row["series"])}
+            for row in [*categories, overall]]
 
 
 def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -183,7 +205,7 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
     task_rows = stability[stability["level"] == "task"]
     raw_rows = task_rows[task_rows["method"] == "raw"]
     segments = raw_rows.groupby("run")[["segment_start", "segment_end"]].first()
-    raw_scores = scores[scores["method"] == "raw"].join(segments, on="run")
+    raw_scores = scores[(scores["method"] == "raw") & scores[EXCLUDED_KEY].isna()].join(segments, on="run")
     raw_scores = raw_scores[raw_scores["step"].between(raw_scores["segment_start"], raw_scores["segment_end"])]
     raw_series = {key: group.sort_values("step")["score"].to_numpy()
                   for key, group in raw_scores.groupby(["run", "task"])}
@@ -194,7 +216,7 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
         same_tasks = raw_rows[(raw_rows["run"] == run) & raw_rows["name"].isin(rows["name"])]
         same_tasks = same_tasks.assign(method=method, window=window)
         baselines += same_tasks.to_dict("records")
-        baselines += _aggregate(same_tasks, lambda task: raw_series[run, task])
+        baselines += _aggregate(same_tasks, lambda task: raw_series.get((run, task), np.zeros(0)))
     baseline = pd.DataFrame(baselines, columns=stability.columns)
     others = stability[stability["method"] != "raw"].merge(baseline, on=KEYS, suffixes=("", "_raw"), validate="1:1")
 
@@ -212,7 +234,7 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
 def write_table(frame: pd.DataFrame, csv_path: Path) -> None:
     """The table as CSV, and as Markdown beside it (``.md``) for reading in a terminal."""
     with atomic_file(csv_path) as tmp:
-        frame.to_csv(tmp, index=False, float_format="%.6g")
+        frame.to_csv(tmp, index=False)  # full precision: the CSV is data; the Markdown is for reading
     write_text(csv_path.with_suffix(".md"), frame.to_markdown(index=False, floatfmt=".4g") + "\n")
 
 

@@ -22,4 +22,4 @@ rule average:
         CPU_ENV
     shell:
         "{PYTHON} -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
-        " {params.dtype} {input:q} > {log:q} 2>&1"
+        " --record-unusable {params.dtype} {input:q} > {log:q} 2>&1"

@@ -31,7 +31,8 @@ from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
 from ckpt_stability.errors import InputError
 from ckpt_stability.gpus import visible_gpus
 from ckpt_stability.plan import Plan
-from ckpt_stability.tasks import load_task
+from ckpt_stability.metrics import DEFAULT_STOP
+from ckpt_stability.tasks import TASK_OPTIONS, load_task
 
 DEMO_ROOT = "results/demo"
 # the demo's runs: checkpoints that a rule of this workflow writes
@@ -74,16 +75,25 @@ def demo_steps():
     return list(range(demo["save_every"], demo["train_steps"] + 1, demo["save_every"]))
 
 
+def task_path(task):
+    """A task's file: its path, read from task_dir when relative and task_dir is set."""
+    return os.path.join(config.get("task_dir", ""), task["path"])
+
+
 def _check_inputs():
-    """Config problems the schema cannot see, and task files that exist already: a clear error now,
-    before any job runs (the demo's tasks are checked by the jobs that read them)."""
+    """Config problems the schema cannot see, and the task files: a clear error now, before any job runs.
+    Every missing task file is named in one error; the demo's tasks are written by a rule, and checked by
+    the jobs that read them."""
     try:
         for path in workflow.configfiles:
             check_unique_keys(path)
+        missing = [f"{name}: {task_path(task)}" for name, task in config["tasks"].items()
+                   if not os.path.exists(task_path(task)) and not task_path(task).startswith(DEMO_ROOT)]
+        if missing:
+            raise InputError(f"{len(missing)} task file(s) missing:\n  " + "\n  ".join(missing))
         for name, task in config["tasks"].items():
-            if os.path.exists(task["path"]):
-                load_task(task["path"], name=name, category=task["category"], mode=task["mode"],
-                          num_fewshot=task["num_fewshot"], max_samples=task["max_samples"])
+            if os.path.exists(task_path(task)):
+                load_task(task_path(task), name=name, **{key: task[key] for key in TASK_OPTIONS})
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
@@ -133,14 +143,16 @@ def checkpoint_dir(wildcards):
 
 
 def task_files():
-    return [task["path"] for task in config["tasks"].values()]
+    return [task_path(task) for task in config["tasks"].values()]
 
 
 def evaluation_settings():
     """Everything that shapes the prompts and their scoring: equal for every checkpoint of every run."""
-    prompt = dict(config.get("prompt", {}))
-    stop = prompt.pop("stop", ["\n"])
-    return {"tasks": config["tasks"], "prompt": prompt, "stop": stop}
+    prompt = dict(config["prompt"])
+    stop = prompt.pop("stop", list(DEFAULT_STOP))
+    add_special_tokens = prompt.pop("add_special_tokens")
+    tasks = {name: {**task, "path": task_path(task)} for name, task in config["tasks"].items()}
+    return {"tasks": tasks, "prompt": prompt, "stop": stop, "add_special_tokens": add_special_tokens}
 
 
 def averaged_output(path):

@@ -53,6 +53,6 @@ rule evaluate:
     shell:
         "{PYTHON} -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
         " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
-        " --batch-size {params.batch_size} --threads {threads}"
+        " --batch-size {params.batch_size} --threads {threads} --record-unusable"
         " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
         " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity} > {log:q} 2>&1"

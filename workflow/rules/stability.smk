@@ -39,6 +39,8 @@ rule stability:
         stability_md="results/tables/stability.md",
         improvement="results/tables/improvement.csv",
         improvement_md="results/tables/improvement.md",
+        excluded="results/tables/excluded.csv",
+        excluded_md="results/tables/excluded.md",
     params:
         output_dir=lambda wildcards, output: os.path.dirname(output.stability),
     log:

@@ -52,7 +52,7 @@ def resolve_backend(name: str) -> str:
 
 
 def load_backend(name: str, model_dir: str, *, dtype: str = "auto", batch_size: int = 16,
-                 threads: int | None = None, seed: int = 0) -> Backend:
+                 threads: int | None = None, seed: int = 0, add_special_tokens: bool = True) -> Backend:
     resolved = resolve_backend(name)
     if resolved == "vllm":
         try:
@@ -62,7 +62,8 @@ def load_backend(name: str, model_dir: str, *, dtype: str = "auto", batch_size: 
                              f"{GPU_ENV_HINT}, or set backend: transformers") from None
         from ckpt_stability.backends.vllm import VllmBackend
 
-        return VllmBackend(model_dir, dtype=dtype, seed=seed)
+        return VllmBackend(model_dir, dtype=dtype, seed=seed, add_special_tokens=add_special_tokens)
     from ckpt_stability.backends.transformers import TransformersBackend
 
-    return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, threads=threads)
+    return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, threads=threads,
+                               add_special_tokens=add_special_tokens)

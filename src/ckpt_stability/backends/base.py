@@ -17,11 +17,20 @@ class Backend(ABC):
 
     name: str
     context_length: int
-    """How many tokens the model attends to (``max_position_embeddings``; vLLM's ``max_model_len``)."""
+    """How many tokens a prompt with its answer may have (``max_position_embeddings``; for vLLM, which
+    needs room for one generated token, ``max_model_len - 1``)."""
+    tokenizer: object
+    """the model's Hugging Face tokenizer"""
+    add_special_tokens: bool = True
+    """whether prompts get the tokenizer's special tokens (BOS); llm-jp's v1.4.1 runs add none"""
 
-    @abstractmethod
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """The token ids of each text, as this backend tokenizes prompts."""
+        return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens)["input_ids"]
+
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """How many tokens each text is, as this backend tokenizes prompts."""
+        return [len(ids) for ids in self.encode(texts)]
 
     @abstractmethod
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:

@@ -28,13 +28,14 @@ class TransformersBackend(Backend):
     name = "transformers"
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", batch_size: int = 16, threads: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, add_special_tokens: bool = True):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
+        self.add_special_tokens = add_special_tokens
         self.torch_dtype = getattr(torch, inference_dtype(dtype, self.device != "cpu", model_dir))
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.pad_id = self.tokenizer.pad_token_id
@@ -47,12 +48,6 @@ class TransformersBackend(Backend):
             raise InputError(f"{model_dir}/config.json: no max_position_embeddings (or n_positions): "
                              f"the model's context length is unknown")
         self.context_length = int(context_length)
-
-    def _encode(self, texts: Sequence[str]) -> list[list[int]]:
-        return self.tokenizer(list(texts), add_special_tokens=True)["input_ids"]
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self._encode(texts)]
 
     def _batches(self, lengths: Sequence[int]) -> Iterator[list[int]]:
         """Indices in batches of similar length (longest first), to waste little on padding."""
@@ -80,7 +75,7 @@ class TransformersBackend(Backend):
             max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
             pad_token_id=self.pad_id, eos_token_id=self.tokenizer.eos_token_id,
         )
-        encoded = self._encode(prompts)
+        encoded = self.encode(prompts)
         outputs: list[str] = [""] * len(prompts)
         for batch in self._batches([len(ids) for ids in encoded]):
             ids, mask = self._pad([encoded[i] for i in batch], left=True)
@@ -92,8 +87,8 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def choice_logprobs(self, prompts: Sequence[str], choices: Sequence[str]) -> np.ndarray:
-        prompt_ids = self._encode(prompts)
-        whole_ids = self._encode([prompt + choice for prompt in prompts for choice in choices])
+        prompt_ids = self.encode(prompts)
+        whole_ids = self.encode([prompt + choice for prompt in prompts for choice in choices])
         n_choices = len(choices)
         wholes = [whole_ids[i * n_choices:(i + 1) * n_choices] for i in range(len(prompts))]
         starts = [[continuation_split(prompt_ids[i], whole) for whole in example] for i, example in enumerate(wholes)]
@@ -164,7 +159,7 @@ class TransformersBackend(Backend):
     def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
         window = self.context_length
         chunks = []
-        for ids in self._encode(texts):
+        for ids in self.encode(texts):
             # non-overlapping windows; each window's first token is context only
             chunks.extend(ids[start:start + window] for start in range(0, len(ids) - 1, window - 1))
         total, count = 0.0, 0

@@ -37,7 +37,8 @@ def compile_cache_dir(model_dir: str, dtype: str) -> Path:
 class VllmBackend(Backend):
     name = "vllm"
 
-    def __init__(self, model_dir: str, *, dtype: str = "auto", seed: int = 0, **engine_options):
+    def __init__(self, model_dir: str, *, dtype: str = "auto", seed: int = 0, add_special_tokens: bool = True,
+                 **engine_options):
         from vllm import LLM
 
         dtype = inference_dtype(dtype, True, model_dir)
@@ -50,10 +51,9 @@ class VllmBackend(Backend):
             **engine_options,
         )
         self.tokenizer = self.llm.get_tokenizer()
-        self.context_length = self.llm.llm_engine.model_config.max_model_len
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        return [len(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+        self.add_special_tokens = add_special_tokens
+        # vLLM refuses a prompt of max_model_len tokens: a prompt and at least one output token must fit
+        self.context_length = self.llm.llm_engine.model_config.max_model_len - 1
 
     def _params(self, **options):
         from vllm import SamplingParams
@@ -61,8 +61,11 @@ class VllmBackend(Backend):
         return SamplingParams(temperature=0.0, seed=0, **options)
 
     def generate(self, prompts: Sequence[str], max_new_tokens: int, stop: Sequence[str]) -> list[str]:
+        from vllm import TokensPrompt
+
         params = self._params(max_tokens=max_new_tokens, stop=list(stop) or None)
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        requests = [TokensPrompt(prompt_token_ids=ids) for ids in self.encode(prompts)]  # our special tokens
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
         # vLLM already stops at the stop strings; cutting again keeps both backends' rule identical
         return [cut_at_stop(output.outputs[0].text, stop) for output in outputs]
 
@@ -70,10 +73,8 @@ class VllmBackend(Backend):
         from vllm import TokensPrompt
 
         requests, starts = [], []
-        for prompt in prompts:
-            prompt_ids = self.tokenizer(prompt)["input_ids"]
-            for choice in choices:
-                whole = self.tokenizer(prompt + choice)["input_ids"]
+        for prompt, prompt_ids in zip(prompts, self.encode(prompts)):
+            for whole in self.encode([prompt + choice for choice in choices]):
                 requests.append(TokensPrompt(prompt_token_ids=whole))
                 starts.append(continuation_split(prompt_ids, whole))
         params = self._params(max_tokens=1, prompt_logprobs=0)
@@ -92,7 +93,7 @@ class VllmBackend(Backend):
 
         window = self.context_length
         requests = []
-        for ids in self.tokenizer(list(texts))["input_ids"]:
+        for ids in self.encode(texts):
             requests.extend(TokensPrompt(prompt_token_ids=ids[start:start + window])
                             for start in range(0, len(ids) - 1, window - 1))
         params = self._params(max_tokens=1, prompt_logprobs=0)
