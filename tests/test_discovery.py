@@ -79,7 +79,8 @@ def test_incomplete_checkpoints_are_left_out_with_the_reason(tmp_path):
                                  "is missing")
     assert reasons["ckpt-4"] == "model.safetensors is empty"
     assert "truncated safetensors file" in reasons["ckpt-5"]
-    assert reasons["ckpt-6"] == "neither model.safetensors nor model.safetensors.index.json is present"
+    assert reasons["ckpt-6"] == ("neither model.safetensors, model.safetensors.index.json, pytorch_model.bin nor "
+                                 "pytorch_model.bin.index.json is present")
     assert "not a valid index" in reasons["ckpt-7"]
 
 

@@ -1,6 +1,7 @@
 """Runs laid out as users have them, through snakemake as users start it: directories whose names hold spaces
-and shell-special characters, Megatron-style zero-padded steps, the README's cron line started with a PATH whose
-``python`` lacks the project, and a diverged checkpoint among healthy ones."""
+and shell-special characters, Megatron-style zero-padded steps, checkpoints saved as ``pytorch_model.bin``
+(single and sharded) among safetensors ones, the README's cron line started with a PATH whose ``python`` lacks
+the project, and a diverged checkpoint among healthy ones."""
 
 import json
 import shutil
@@ -42,11 +43,35 @@ def workflow_copy(directory: Path) -> Path:
     return clone
 
 
+def save_as_bin(checkpoint: Path, shards: int) -> None:
+    """Rewrite a checkpoint's weights as ``pytorch_model.bin``, or as ``shards`` shards with their index, as
+    older runs and many converters save them."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(checkpoint / "model.safetensors")
+    (checkpoint / "model.safetensors").unlink()
+    if shards == 1:
+        torch.save(tensors, checkpoint / "pytorch_model.bin")
+        return
+    names = sorted(tensors)
+    weight_map = {}
+    for number in range(shards):
+        shard = f"pytorch_model-{number + 1:05d}-of-{shards:05d}.bin"
+        part = names[number::shards]
+        torch.save({name: tensors[name] for name in part}, checkpoint / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (checkpoint / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
 def megatron_layout(checkpoints: Path, directory: Path) -> str:
-    """The tiny demo's checkpoints as ``iter_{step:07d}/hf``; returns the run's pattern."""
+    """The tiny demo's checkpoints as ``iter_{step:07d}/hf``, step 20 saved as ``pytorch_model.bin`` and step 30
+    as two ``.bin`` shards; returns the run's pattern."""
     for checkpoint in sorted(checkpoints.iterdir()):
         step = int(checkpoint.name.removeprefix("checkpoint-"))
         shutil.copytree(checkpoint, directory / f"iter_{step:07d}" / "hf")
+    save_as_bin(directory / "iter_0000020" / "hf", shards=1)
+    save_as_bin(directory / "iter_0000030" / "hf", shards=2)
     return f"{directory}/iter_{{step}}/hf"
 
 
@@ -83,7 +108,8 @@ def test_the_cron_line_runs_the_workflow_in_awkward_paths(cron_run):
     assert "not the project python" not in log
     results = clone / "results"
     scores = pd.read_parquet(results / "scores.parquet")
-    assert sorted(set(scores.step)) == [10, 20, 30, 40]
+    assert sorted(set(scores.step)) == [10, 20, 30, 40]  # the .bin checkpoints 20 and 30 too
+    assert scores.excluded.isna().all()
     assert set(scores.method) == {"raw", "avg", "vote", "prob"}
     assert (results / "report" / "report.html").is_file()
     assert (results / "tables" / "indicators.csv").is_file()

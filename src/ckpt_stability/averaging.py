@@ -17,11 +17,17 @@ it is computed with numpy alone: no torch import, since every workflow job is a 
 Integer and bool tensors (buffers, step counters) are not averaged: they must be identical in every
 member and are copied from the newest one.
 
-Refused, with an InputError naming the checkpoint file and the tensor: fewer than two members, a
-member given twice, an incomplete member (missing or truncated shard, bad index: see
-``checkpoints.incomplete_reason``), tensor names, shapes or dtypes that differ between members,
-integer tensors that differ, a dtype that cannot be averaged (float8), and a result that is NaN or
-infinite (a NaN or Inf in a member, or a mean beyond the range of the output dtype).
+Members are checkpoint directories in any of the layouts of ``checkpoints.LAYOUTS``, safetensors or
+``pytorch_model.bin`` (torch.save zip archives), mixed as they come: what must agree is the tensors'
+names, shapes and dtypes. The output is safetensors whatever the members' format.
+
+Refused, with an InputError naming the arguments: fewer than two members, a member given twice, an
+output that holds something else. Refused, with an UnusableCheckpoint naming the checkpoint file and
+the tensor: an incomplete member (missing or truncated shard, bad index: see
+``checkpoints.checkpoint_problem``) or one in an unsupported format, tensor names, shapes or dtypes
+that differ between members, integer tensors that differ, a dtype that cannot be averaged (float8), and
+a result that is NaN or infinite (a NaN or Inf in a member, or a mean beyond the range of the output
+dtype).
 
 Memory and speed
 ----------------
@@ -32,6 +38,14 @@ pages count in the RSS for as long as the mapping lives. Peak memory is therefor
 per thread whatever the size of the model, and checkpoints larger than RAM average fine. Chunks are
 processed by a pool of threads (numpy and the ``os`` calls release the GIL); a chunk's buffers are
 small enough to stay in the CPU caches between the passes over it.
+
+``.bin`` members are read the same way: torch.save stores every storage uncompressed in its zip
+archive, so ``checkpoints`` finds the absolute position of each tensor's bytes from the archive's
+records and its pickle (parsed without torch: no torch import here either). The one exception is a
+tensor saved as a non-contiguous view (``w.t()`` saved without ``.contiguous()``; transformers never
+writes one): it is first rewritten contiguous into an unnamed scratch file in the output's temporary
+directory, one tensor at a time, which costs that tensor's size in memory (and on disk) once and a
+slower, strided copy, then averaged like the others.
 
 Output
 ------
@@ -62,9 +76,10 @@ import shutil
 import struct
 import threading
 import time
+import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -75,11 +90,11 @@ from ckpt_stability.checkpoints import (
     DTYPE_SIZES,
     INDEX_FILE,
     SINGLE_FILE,
-    SafetensorsHeader,
     TensorEntry,
+    WeightFileHeader,
     read_checkpoint_headers,
 )
-from ckpt_stability.errors import InputError
+from ckpt_stability.errors import InputError, UnusableCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -112,15 +127,20 @@ NOT_COPIED_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".c
 """weights and training state (optimizer, scheduler, RNG): they do not describe the average"""
 
 
-Table = dict[str, tuple[SafetensorsHeader, TensorEntry]]
+Table = dict[str, tuple[WeightFileHeader, TensorEntry]]
 """one checkpoint's tensors: name -> (its file's header, its entry)"""
 
 
 @dataclass(frozen=True)
 class _Source:
     path: Path
+    """the member's weight file (the one named in messages)"""
     begin: int
-    """absolute byte offset of the tensor's data in ``path``"""
+    """absolute byte offset of the tensor's data in ``path`` (in the scratch file when ``scratch``)"""
+    strides: tuple[int, ...] | None = None
+    """a tensor saved as a view: its strides in elements; None: contiguous"""
+    scratch: bool = False
+    """read from the averager's scratch file, where the strided source was rewritten contiguous"""
 
 
 @dataclass(frozen=True)
@@ -169,7 +189,7 @@ def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None 
     members = [Path(member) for member in members]
     output = Path(output)
     _check_arguments(members, dtype, max_shard_size, steps)
-    tables = [read_checkpoint_headers(member) for member in members]
+    tables = _match_tied([read_checkpoint_headers(member) for member in members])
     _check_agreement(members, tables)
     _check_output(output, members)
     tensors, shards = _plan_output(tables, OUTPUT_DTYPES.get(dtype), max_shard_size)
@@ -214,29 +234,63 @@ def _check_arguments(members: list[Path], dtype: str | None, max_shard_size: int
         raise InputError(f"{len(steps)} steps ({steps}) given for {len(members)} checkpoints")
 
 
+def _match_tied(tables: list[Table]) -> list[Table]:
+    """Tied weights saved by torch.save are two names on the same bytes (``lm_head.weight`` and the
+    embedding, as transformers 4 wrote pytorch_model.bin); safetensors files keep one of them. Where a
+    member lacks a name that is such an alias in the newest member, it is read from the member's tensor
+    under the other name; an alias the newest member lacks is left out. The output has the newest
+    member's names."""
+    newest = tables[-1]
+    matched = []
+    for table in tables[:-1]:
+        table = dict(table)
+        for name in newest.keys() - table.keys():
+            alias = _alias(newest, name)
+            if alias is not None and alias in table:
+                table[name] = table[alias]
+        for name in table.keys() - newest.keys():
+            alias = _alias(table, name)
+            if alias is not None and alias in newest:
+                del table[name]
+        matched.append(table)
+    return [*matched, newest]
+
+
+def _alias(table: Table, name: str) -> str | None:
+    """Another tensor of ``table`` stored as the very same bytes as ``name``, if any."""
+    header, entry = table[name]
+    for other, (other_header, other_entry) in table.items():
+        if other != name and other_header.path == header.path and (
+                other_entry.begin, other_entry.end, other_entry.strides, other_entry.shape, other_entry.dtype) == (
+                entry.begin, entry.end, entry.strides, entry.shape, entry.dtype):
+            return other
+    return None
+
+
 def _check_agreement(members: list[Path], tables: list[Table]) -> None:
     """Every member holds the newest member's tensors, with the same shapes and dtypes."""
     newest_dir, newest = members[-1], tables[-1]
     for member, table in zip(members[:-1], tables[:-1]):
         missing, extra = sorted(newest.keys() - table.keys()), sorted(table.keys() - newest.keys())
         if missing:
-            raise InputError(f"{member}: tensor {missing[0]!r} is missing{_more(missing)} (the newest "
-                             f"checkpoint {newest_dir} has it)")
+            raise UnusableCheckpoint(f"{member}: tensor {missing[0]!r} is missing{_more(missing)} (the newest "
+                                     f"checkpoint {newest_dir} has it)")
         if extra:
-            raise InputError(f"{member}: has tensor {extra[0]!r}{_more(extra)}, which the newest checkpoint "
-                             f"{newest_dir} lacks")
+            raise UnusableCheckpoint(f"{member}: has tensor {extra[0]!r}{_more(extra)}, which the newest "
+                                     f"checkpoint {newest_dir} lacks")
         for name in sorted(table):
             (header, entry), (newest_header, newest_entry) = table[name], newest[name]
             if entry.dtype != newest_entry.dtype:
-                raise InputError(f"{header.path}: tensor {name!r} is {entry.dtype}, but "
-                                 f"{newest_entry.dtype} in {newest_header.path}")
+                raise UnusableCheckpoint(f"{header.path}: tensor {name!r} is {entry.dtype}, but "
+                                         f"{newest_entry.dtype} in {newest_header.path}")
             if entry.shape != newest_entry.shape:
-                raise InputError(f"{header.path}: tensor {name!r} has shape {list(entry.shape)}, but "
-                                 f"{list(newest_entry.shape)} in {newest_header.path}")
+                raise UnusableCheckpoint(f"{header.path}: tensor {name!r} has shape {list(entry.shape)}, but "
+                                         f"{list(newest_entry.shape)} in {newest_header.path}")
     for name in sorted(newest):
         header, entry = newest[name]
         if entry.dtype not in FLOAT_DTYPES | COPIED_DTYPES:
-            raise InputError(f"{header.path}: tensor {name!r} has dtype {entry.dtype}, which cannot be averaged")
+            raise UnusableCheckpoint(f"{header.path}: tensor {name!r} has dtype {entry.dtype}, which cannot be "
+                                     f"averaged")
 
 
 def _more(names: list[str]) -> str:
@@ -305,7 +359,7 @@ def _plan_output(tables: list[Table], requested: str | None,
             entries = [table[name][1] for table in tables]
             tensors.append(_Tensor(
                 name=name, shape=entries[-1].shape, in_dtype=entries[-1].dtype, out_dtype=out_dtype(name),
-                sources=tuple(_Source(table[name][0].path, entry.begin)
+                sources=tuple(_Source(table[name][0].path, entry.begin, entry.strides)
                               for table, entry in zip(tables, entries)),
                 shard=number, offset=data_start + header[name]["data_offsets"][0],
             ))
@@ -325,11 +379,12 @@ class _Averager:
     """Reads, averages and writes the chunks of every tensor on a pool of threads."""
 
     def __init__(self, tensors: list[_Tensor], shards: list[_Shard], directory: Path) -> None:
-        self.tensors = tensors
+        self.tensors = list(tensors)
         self.shards = shards
         self.directory = directory
         self.inputs: dict[Path, int] = {}
         self.outputs: list[int] = []
+        self.scratch = None
         self.local = threading.local()
 
     def run(self, threads: int) -> None:
@@ -338,6 +393,7 @@ class _Averager:
                 for source in tensor.sources:
                     if source.path not in self.inputs:
                         self.inputs[source.path] = os.open(source.path, os.O_RDONLY)
+            self._make_contiguous()
             for shard in self.shards:
                 fd = os.open(self.directory / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 self.outputs.append(fd)
@@ -360,6 +416,45 @@ class _Averager:
         finally:
             for fd in [*self.inputs.values(), *self.outputs]:
                 os.close(fd)
+            if self.scratch is not None:
+                self.scratch.close()
+
+    def _make_contiguous(self) -> None:
+        """Rewrite every strided source (a .bin tensor saved as a view) contiguous into an unnamed scratch
+        file beside the output, and read it from there: the chunks then need no gathering. Memory: the
+        tensor's extent in its storage, once, plus a chunk."""
+        written: dict[tuple, int] = {}
+        end = 0
+        for number, tensor in enumerate(self.tensors):
+            if all(source.strides is None for source in tensor.sources):
+                continue
+            if self.scratch is None:
+                self.scratch = tempfile.TemporaryFile(dir=self.directory)
+            sources = list(tensor.sources)
+            for member, source in enumerate(sources):
+                if source.strides is None:
+                    continue
+                key = (source.path, source.begin, source.strides, tensor.shape, tensor.in_dtype)
+                if key not in written:
+                    written[key] = end
+                    self._write_contiguous(tensor, source, end)
+                    end += tensor.count * DTYPE_SIZES[tensor.in_dtype]
+                sources[member] = _Source(source.path, written[key], scratch=True)
+            self.tensors[number] = replace(tensor, sources=tuple(sources))
+
+    def _write_contiguous(self, tensor: _Tensor, source: _Source, offset: int) -> None:
+        size = DTYPE_SIZES[tensor.in_dtype]
+        unit = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size]
+        extent = 1 + sum((dim - 1) * stride for dim, stride in zip(tensor.shape, source.strides))
+        span = np.empty(extent, unit)
+        _read_exactly(self.inputs[source.path], span.view(np.uint8), source.begin, source.path, tensor.name)
+        view = np.lib.stride_tricks.as_strided(span, tensor.shape, [stride * size for stride in source.strides],
+                                               writeable=False)
+        row = math.prod(tensor.shape[1:])
+        block = max(1, CHUNK_ELEMENTS // max(row, 1))
+        for start in range(0, tensor.shape[0], block):
+            _write(self.scratch.fileno(), np.ascontiguousarray(view[start:start + block]),
+                   offset + start * row * size)
 
     def _process(self, tensor: _Tensor, start: int, stop: int) -> None:
         scratch = getattr(self.local, "scratch", None)
@@ -399,7 +494,7 @@ class _Averager:
             other = self._read(tensor, member, start, stop, scratch.other)
             if not np.array_equal(other, newest):
                 index = start + int(np.flatnonzero(other != newest)[0]) // DTYPE_SIZES[tensor.in_dtype]
-                raise InputError(
+                raise UnusableCheckpoint(
                     f"{tensor.sources[member].path}: {tensor.in_dtype} tensor {tensor.name!r} differs at "
                     f"{tensor.position(index)} from the newest checkpoint's ({tensor.sources[-1].path}); "
                     f"integer and bool tensors are copied, not averaged, and must agree")
@@ -410,14 +505,8 @@ class _Averager:
         size = DTYPE_SIZES[tensor.in_dtype]
         source = tensor.sources[member]
         view = buffer[: (stop - start) * size]
-        offset = source.begin + start * size
-        done = 0
-        while done < view.size:
-            got = os.preadv(self.inputs[source.path], [view[done:]], offset + done)
-            if got == 0:
-                raise InputError(f"{source.path}: the file ends within tensor {tensor.name!r} "
-                                 f"(truncated while being read?)")
-            done += got
+        fd = self.scratch.fileno() if source.scratch else self.inputs[source.path]
+        _read_exactly(fd, view, source.begin + start * size, source.path, tensor.name)
         return view
 
     def _refuse_non_finite(self, tensor: _Tensor, start: int, mean: np.ndarray, limit: float) -> None:
@@ -428,12 +517,22 @@ class _Averager:
                   for member in range(len(tensor.sources))]
         for source, value in zip(tensor.sources, values):
             if not np.isfinite(value):
-                raise InputError(f"{source.path}: tensor {tensor.name!r} holds {value} at {position}, "
-                                 f"which makes the average non-finite")
+                raise UnusableCheckpoint(f"{source.path}: tensor {tensor.name!r} holds {value} at {position}, "
+                                         f"which makes the average non-finite")
         paths = ", ".join(str(source.path) for source in tensor.sources)
-        raise InputError(f"tensor {tensor.name!r}: the mean at {position} of the values "
-                         f"{[float(value) for value in values]} in {paths} is "
-                         f"{float(mean[index - start])}, beyond the range of {tensor.out_dtype}")
+        raise UnusableCheckpoint(f"tensor {tensor.name!r}: the mean at {position} of the values "
+                                 f"{[float(value) for value in values]} in {paths} is "
+                                 f"{float(mean[index - start])}, beyond the range of {tensor.out_dtype}")
+
+
+def _read_exactly(fd: int, view: np.ndarray, offset: int, path: Path, name: str) -> None:
+    """Fill ``view`` from ``fd`` at ``offset``; ``path`` and ``name`` (the file and tensor) for the message."""
+    done = 0
+    while done < view.size:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise InputError(f"{path}: the file ends within tensor {name!r} (truncated while being read?)")
+        done += got
 
 
 def _widen(raw: np.ndarray, dtype: str, scratch: np.ndarray) -> np.ndarray:

@@ -112,6 +112,9 @@ def _plan_runs():
         for directory, reason in runs[name].incomplete.items():
             logger.warning(f"run {name}: skipping incomplete checkpoint {directory} ({reason}); "
                            f"it is picked up once complete, by the next invocation")
+        for directory, reason in runs[name].unsupported.items():
+            logger.warning(f"run {name}: skipping checkpoint {directory}: {reason}; it is not evaluated "
+                           f"until its weights are saved in a supported layout")
     return runs
 
 
