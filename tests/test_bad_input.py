@@ -144,7 +144,7 @@ GOOD = {"instruction": "答えて", "output_length": 3, "metrics": ["exact_match
 @pytest.mark.parametrize("case, content, num_fewshot, message", [
     ("invalid_json", b'{"instruction": "x", "samples": [', 0, "invalid JSON at line 1, column 34: Expecting value"),
     ("missing_keys", json.dumps({"instruction": "x"}).encode(), 0,
-     "missing key(s) output_length, metrics, few_shots, samples"),
+     "missing key(s) output_length, metrics, samples"),
     ("empty_samples", json.dumps({**GOOD, "samples": []}).encode(), 0, "samples is empty"),
     ("too_many_shots", json.dumps(GOOD).encode(), 3, "num_fewshot is 3 but the file has only 1 few_shots"),
     ("gold_outside", json.dumps({**GOOD, "samples": [{"input": "q", "output": "maybe"}]}).encode(), 0,

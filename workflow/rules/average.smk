@@ -21,5 +21,5 @@ rule average:
     conda:
         CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
+        "python -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
         " --record-unusable {params.dtype} {input:q} > {log:q} 2>&1"

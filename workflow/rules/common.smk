@@ -39,11 +39,11 @@ DEMO_ROOT = "results/demo"
 DEMO_PATTERNS = {f"{DEMO_ROOT}/{size}/checkpoint-{{step}}" for size in DEMO_MODEL_SIZES}
 CPU_ENV = "../../envs/cpu.yaml"
 GPU_ENV = "../../envs/gpu.yaml"
-# Jobs run with the interpreter that runs this workflow, whatever PATH says (a venv's snakemake started
-# from cron, say), or with their rule's conda env under --sdm conda, where `python` is that env's.
-PYTHON = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else shlex.quote(
-    sys.executable
-)
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    # `python` in the rules' commands is the interpreter that runs this workflow, whatever PATH says (a venv's
+    # snakemake started from cron, say); under --sdm conda it is the rule's conda env's. Snakemake formats the
+    # prefix, hence the doubled braces.
+    shell.prefix(f"set -euo pipefail; python() {{{{ {shlex.quote(sys.executable)} \"$@\"; }}}}; ")
 
 WINDOWS = sorted(set(config["windows"]) | {1})
 LARGEST_WINDOW = max(WINDOWS)

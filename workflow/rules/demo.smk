@@ -16,7 +16,7 @@ if config.get("demo"):
         conda:
             CPU_ENV
         shell:
-            "{PYTHON} -m ckpt_stability demo data --output {params.root:q} --seed {params.demo[seed]}"
+            "python -m ckpt_stability demo data --output {params.root:q} --seed {params.demo[seed]}"
             " --samples {params.demo[samples_per_task]} > {log:q} 2>&1"
 
     rule demo_pretrain:
@@ -36,6 +36,6 @@ if config.get("demo"):
         conda:
             CPU_ENV
         shell:
-            "{PYTHON} -m ckpt_stability demo train --data {params.data:q} --size {wildcards.size}"
+            "python -m ckpt_stability demo train --data {params.data:q} --size {wildcards.size}"
             " --output {params.run_dir:q} --seed {params.demo[seed]} --steps {params.demo[train_steps]}"
             " --save-every {params.demo[save_every]} --threads {params.demo[threads]} > {log:q} 2>&1"

@@ -25,6 +25,6 @@ if ENSEMBLE_METHODS:
         conda:
             CPU_ENV
         shell:
-            "{PYTHON} -m ckpt_stability ensemble {params.member_dirs:q} --tasks {params.tasks:q} {params.outputs}"
+            "python -m ckpt_stability ensemble {params.member_dirs:q} --tasks {params.tasks:q} {params.outputs}"
             " --meta run={wildcards.run:q} --meta window={wildcards.n} --meta step={wildcards.step}"
             " --meta members={params.members:q} > {log:q} 2>&1"

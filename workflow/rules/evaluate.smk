@@ -19,8 +19,10 @@ rule evaluation_settings:
         settings=json.dumps(evaluation_settings(), ensure_ascii=False),
     log:
         "logs/evaluation_settings.log",
+    conda:
+        CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability write-json --output {output:q} {params.settings:q} > {log:q} 2>&1"
+        "python -m ckpt_stability write-json --output {output:q} {params.settings:q} > {log:q} 2>&1"
 
 
 rule evaluate:
@@ -51,7 +53,7 @@ rule evaluate:
     conda:
         GPU_ENV if INFERENCE_ON_GPU else CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
+        "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
         " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
         " --batch-size {params.batch_size} --threads {threads} --record-unusable"
         " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"

@@ -18,5 +18,5 @@ rule indicators:
     conda:
         CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability indicators --plan {input.plan:q} --scores {input.scores:q} {params.options}"
+        "python -m ckpt_stability indicators --plan {input.plan:q} --scores {input.scores:q} {params.options}"
         " --output {output.table:q} > {log:q} 2>&1"

@@ -28,5 +28,5 @@ rule report:
     conda:
         CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability report --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
+        "python -m ckpt_stability report --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
         " --settings {input.settings:q} --output {output.report:q} > {log:q} 2>&1"

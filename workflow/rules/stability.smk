@@ -12,8 +12,10 @@ rule plan:
         plan=json.dumps(dataclasses.asdict(PLAN), ensure_ascii=False),
     log:
         "logs/plan.log",
+    conda:
+        CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability write-json --output {output:q} {params.plan:q} > {log:q} 2>&1"
+        "python -m ckpt_stability write-json --output {output:q} {params.plan:q} > {log:q} 2>&1"
 
 
 rule scores:
@@ -27,7 +29,7 @@ rule scores:
     conda:
         CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability scores --plan {input.plan:q} --output {output:q} > {log:q} 2>&1"
+        "python -m ckpt_stability scores --plan {input.plan:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule stability:
@@ -48,5 +50,5 @@ rule stability:
     conda:
         CPU_ENV
     shell:
-        "{PYTHON} -m ckpt_stability stability --plan {input.plan:q} --scores {input.scores:q}"
+        "python -m ckpt_stability stability --plan {input.plan:q} --scores {input.scores:q}"
         " --output-dir {params.output_dir:q} > {log:q} 2>&1"
