@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import ckpt_stability
 from ckpt_stability import averaging
 from ckpt_stability.averaging import average_checkpoints
-from ckpt_stability.checkpoints import read_header
+from ckpt_stability.weight_formats import read_header
 from ckpt_stability.cli import main
 from ckpt_stability.errors import InputError
 

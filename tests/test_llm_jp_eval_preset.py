@@ -4,7 +4,6 @@ the suite, with each task's metrics as v1.4.1 lists them (MT tasks included, wit
 metrics this project skips)."""
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd

@@ -86,14 +86,8 @@ import numpy as np
 
 from ckpt_stability import __version__
 from ckpt_stability.atomic import atomic_directory
-from ckpt_stability.checkpoints import (
-    DTYPE_SIZES,
-    INDEX_FILE,
-    SINGLE_FILE,
-    TensorEntry,
-    WeightFileHeader,
-    read_checkpoint_headers,
-)
+from ckpt_stability.checkpoints import INDEX_FILE, SINGLE_FILE, read_checkpoint_headers
+from ckpt_stability.weight_formats import DTYPE_SIZES, TensorEntry, WeightFileHeader
 from ckpt_stability.errors import InputError, UnusableCheckpoint
 
 log = logging.getLogger(__name__)
