@@ -193,7 +193,8 @@ def small_plan(tmp_path):
 def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     scores = gather_scores(small_plan)
     assert len(scores) == 5 * 3 + 4 * 3  # raw: 5 steps, vote2: 4 steps; 3 tasks each
-    assert set(scores.columns) == {"run", "task", "category", "method", "window", "step", "score", "n_examples", "excluded"}
+    assert set(scores.columns) == {"run", "task", "category", "method", "window", "step", "metric", "score", "n_examples",
+                                  "excluded"}
     table = stability_table(small_plan, scores)
     assert small_plan.segment("r") == [30, 40, 50]  # ceil(0.5 * 5) = 3
     assert len(table) == 2 * (3 + 2 + 1)  # (raw1, vote2) x (3 tasks, 2 categories, overall)

@@ -64,6 +64,7 @@ def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
     with ThreadPoolExecutor(threads) as pool:
         provenances = list(pool.map(read_provenance, paths))
     frame = pd.DataFrame(rows, columns=["run", "task", "category", "method", "window", "step"])
+    frame["metric"] = [p["task"]["metric"] for p in provenances]
     frame["score"] = [p["score"] for p in provenances]
     frame["n_examples"] = [p["n_examples"] for p in provenances]
     frame[EXCLUDED_KEY] = [p.get(EXCLUDED_KEY) for p in provenances]
@@ -162,7 +163,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
     per_task = []
     for (run, method, window, task, segment, healthy), example_row in zip(jobs, example_rows):
         per_task.append({"run": run, "level": "task", "name": task, "method": method, "window": window,
-                         "category": plan.tasks[task]["category"],
+                         "category": plan.tasks[task]["category"], "metric": metric_of[task],
                          **series_metrics(series.get((run, method, window, task), np.zeros(0))), **example_row,
                          "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment),
                          "excluded_steps": " ".join(str(step) for step in segment if step not in healthy)})
@@ -175,7 +176,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
     order = {"task": 0, "category": 1, "overall": 2}
     table = table.sort_values(["run", "level", "name", "method", "window"],
                               key=lambda col: col.map(order) if col.name == "level" else col)
-    return table[KEYS + ["category"] + STABILITY_COLUMNS + SEGMENT_COLUMNS]
+    return table[KEYS + ["category", "metric"] + STABILITY_COLUMNS + SEGMENT_COLUMNS]
 
 
 def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
@@ -187,7 +188,7 @@ def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
     categories = []
     for category, rows in task_rows.groupby("category", sort=False):
         categories.append({"run": first["run"], "level": "category", "name": category, "method": first["method"],
-                           "window": first["window"], "category": category,
+                           "window": first["window"], "category": category, "metric": "",
                            "series": np.mean([series_of(task) for task in rows["name"]], axis=0),
                            **rows[EXAMPLE_COLUMNS].mean().to_dict(), **rows[SEGMENT_COLUMNS].iloc[0].to_dict()})
     overall = {**categories[0], "level": "overall", "name": "overall", "category": "",
