@@ -15,9 +15,7 @@ except WorkflowError as error:  # name the file and the key that hold the mistak
     mistake = error.__context__  # the jsonschema ValidationError it was raised from
     files = workflow.overwrite_configfiles or workflow.configfiles  # --configfile replaces the default
     key = mistake.json_path.removeprefix("$").removeprefix(".") or "top level"
-    raise WorkflowError(
-        f"Invalid config in {', '.join(map(str, files))}: {key}: {mistake.message}"
-    ) from None
+    raise WorkflowError(f"Invalid config in {', '.join(map(str, files))}: {key}: {mistake.message}") from None
 
 
 include: "workflow/rules/common.smk"
@@ -31,6 +29,6 @@ include: "workflow/rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         final_targets(),
-    default_target: True

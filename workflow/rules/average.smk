@@ -9,17 +9,17 @@ rule average:
         window_checkpoints,
     output:
         averaged_output("results/averaged/{run}/avg{n}/step{step}"),
-    params:
-        # the window's member steps: a change of membership rebuilds the average
-        members=window_steps,
-        dtype=f"--dtype {shlex.quote(config['averaged_dtype'])}" if config["averaged_dtype"] else "",
     log:
         "logs/average/{run}/avg{n}/step{step}.log",
-    threads: 2
     group:
         "average_and_evaluate"
     conda:
         CPU_ENV
+    threads: 2
+    params:
+        # the window's member steps: a change of membership rebuilds the average
+        members=window_steps,
+        dtype=f"--dtype {shlex.quote(config['averaged_dtype'])}" if config["averaged_dtype"] else "",
     shell:
         "python -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
         " --record-unusable {params.dtype} {input:q} > {log:q} 2>&1"

@@ -43,7 +43,7 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     # `python` in the rules' commands is the interpreter that runs this workflow, whatever PATH says (a venv's
     # snakemake started from cron, say); under --sdm conda it is the rule's conda env's. Snakemake formats the
     # prefix, hence the doubled braces.
-    shell.prefix(f"set -euo pipefail; python() {{{{ {shlex.quote(sys.executable)} \"$@\"; }}}}; ")
+    shell.prefix(f'set -euo pipefail; python() {{{{ {shlex.quote(sys.executable)} "$@"; }}}}; ')
 
 WINDOWS = sorted(set(config["windows"]) | {1})
 LARGEST_WINDOW = max(WINDOWS)
@@ -87,8 +87,11 @@ def _check_inputs():
     try:
         for path in workflow.configfiles:
             check_unique_keys(path)
-        missing = [f"{name}: {task_path(task)}" for name, task in config["tasks"].items()
-                   if not os.path.exists(task_path(task)) and not task_path(task).startswith(DEMO_ROOT)]
+        missing = [
+            f"{name}: {task_path(task)}"
+            for name, task in config["tasks"].items()
+            if not os.path.exists(task_path(task)) and not task_path(task).startswith(DEMO_ROOT)
+        ]
         if missing:
             raise InputError(f"{len(missing)} task file(s) missing:\n  " + "\n  ".join(missing))
         for name, task in config["tasks"].items():
@@ -110,11 +113,15 @@ def _plan_runs():
         except InputError as error:
             raise WorkflowError(f"config runs.{name}: {error}") from None
         for directory, reason in runs[name].incomplete.items():
-            logger.warning(f"run {name}: skipping incomplete checkpoint {directory} ({reason}); "
-                           f"it is picked up once complete, by the next invocation")
+            logger.warning(
+                f"run {name}: skipping incomplete checkpoint {directory} ({reason}); "
+                f"it is picked up once complete, by the next invocation"
+            )
         for directory, reason in runs[name].unsupported.items():
-            logger.warning(f"run {name}: skipping checkpoint {directory}: {reason}; it is not evaluated "
-                           f"until its weights are saved in a supported layout")
+            logger.warning(
+                f"run {name}: skipping checkpoint {directory}: {reason}; it is not evaluated "
+                f"until its weights are saved in a supported layout"
+            )
     return runs
 
 
@@ -161,13 +168,16 @@ def evaluation_settings():
 def averaged_output(path):
     return directory(path) if config["keep_averaged"] else temp(directory(path))
 
+
 def model_dir(wildcards):
     if wildcards.method == "raw":
         return checkpoint_dir(wildcards)
     return f"results/averaged/{wildcards.run}/avg{wildcards.n}/step{wildcards.step}"
 
+
 def ensemble_outputs(method, tasks):
     return expand(f"results/predictions/{{{{run}}}}/{method}{{{{n}}}}/step{{{{step}}}}/{{task}}.parquet", task=tasks)
+
 
 def window_raw_predictions(wildcards):
     """The ensemble's inputs: one prediction file of each raw evaluation in the window (it reads them all, from
@@ -177,10 +187,13 @@ def window_raw_predictions(wildcards):
     run = RUNS[wildcards.run]
     return prediction_files(wildcards.run, "raw", 1, run.window(int(wildcards.step), int(wildcards.n)), TASKS[:1])
 
+
 def window_raw_dirs(wildcards):
     run = RUNS[wildcards.run]
-    return [f"results/predictions/{wildcards.run}/raw1/step{step}"
-            for step in run.window(int(wildcards.step), int(wildcards.n))]
+    return [
+        f"results/predictions/{wildcards.run}/raw1/step{step}"
+        for step in run.window(int(wildcards.step), int(wildcards.n))
+    ]
 
 
 # ---------------------------------------------------------------- targets
@@ -200,8 +213,12 @@ def prediction_files(run, method, n, steps, tasks):
 
 
 def all_prediction_files():
-    return [file for name in RUNS for method, n, steps, tasks in PLAN.series(name)
-            for file in prediction_files(name, method, n, steps, tasks)]
+    return [
+        file
+        for name in RUNS
+        for method, n, steps, tasks in PLAN.series(name)
+        for file in prediction_files(name, method, n, steps, tasks)
+    ]
 
 
 def perplexity_input():
@@ -210,7 +227,9 @@ def perplexity_input():
 
 
 def perplexity_output():
-    return {"perplexity": "results/perplexity/{run}/{method}{n}/step{step}.json"} if config.get("perplexity_text") else {}
+    return (
+        {"perplexity": "results/perplexity/{run}/{method}{n}/step{step}.json"} if config.get("perplexity_text") else {}
+    )
 
 
 def perplexity_options(wildcards, input, output):
@@ -223,8 +242,13 @@ def perplexity_files():
     """Every raw and averaged model's perplexity file, when a held-out text is configured."""
     if not config.get("perplexity_text"):
         return []
-    return [f"results/perplexity/{name}/{method}{n}/step{step}.json" for name in RUNS
-            for method, n, steps, _ in PLAN.series(name) if method in ("raw", "avg") for step in steps]
+    return [
+        f"results/perplexity/{name}/{method}{n}/step{step}.json"
+        for name in RUNS
+        for method, n, steps, _ in PLAN.series(name)
+        if method in ("raw", "avg")
+        for step in steps
+    ]
 
 
 def indicator_options(wildcards, input):

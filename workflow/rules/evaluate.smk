@@ -15,24 +15,35 @@ rule evaluation_settings:
         task_files(),
     output:
         "results/evaluation_settings.json",
-    params:
-        settings=json.dumps(evaluation_settings(), ensure_ascii=False),
     log:
         "logs/evaluation_settings.log",
     conda:
         CPU_ENV
+    params:
+        settings=json.dumps(evaluation_settings(), ensure_ascii=False),
     shell:
         "python -m ckpt_stability write-json --output {output:q} {params.settings:q} > {log:q} 2>&1"
 
 
 rule evaluate:
     input:
+        **perplexity_input(),
         model=model_dir,
         settings="results/evaluation_settings.json",
-        **perplexity_input(),
     output:
-        predictions=expand("results/predictions/{{run}}/{{method}}{{n}}/step{{step}}/{task}.parquet", task=TASKS),
         **perplexity_output(),
+        predictions=expand("results/predictions/{{run}}/{{method}}{{n}}/step{{step}}/{task}.parquet", task=TASKS),
+    log:
+        "logs/evaluate/{run}/{method}{n}/step{step}.log",
+    wildcard_constraints:
+        method="raw|avg",
+    group:
+        "average_and_evaluate"
+    conda:
+        GPU_ENV if INFERENCE_ON_GPU else CPU_ENV
+    threads: 1
+    resources:
+        gpu=1 if INFERENCE_ON_GPU else 0,
     params:
         # the members of an averaged model: a change of membership re-evaluates it
         members=window_steps,
@@ -41,17 +52,6 @@ rule evaluate:
         backend=config["backend"],
         dtype=config["dtype"],
         batch_size=config["batch_size"],
-    wildcard_constraints:
-        method="raw|avg",
-    log:
-        "logs/evaluate/{run}/{method}{n}/step{step}.log",
-    threads: 1
-    resources:
-        gpu=1 if INFERENCE_ON_GPU else 0,
-    group:
-        "average_and_evaluate"
-    conda:
-        GPU_ENV if INFERENCE_ON_GPU else CPU_ENV
     shell:
         "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
         " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"

@@ -11,12 +11,12 @@ rule indicators:
     output:
         table="results/tables/indicators.csv",
         markdown="results/tables/indicators.md",
-    params:
-        options=indicator_options,
     log:
         "logs/indicators.log",
     conda:
         CPU_ENV
+    params:
+        options=indicator_options,
     shell:
         "python -m ckpt_stability indicators --plan {input.plan:q} --scores {input.scores:q} {params.options}"
         " --output {output.table:q} > {log:q} 2>&1"

@@ -21,12 +21,12 @@ rule report:
             subcategory="{run}",
             labels={"run": "{run}", "figure": "{figure}"},
         ),
-    params:
-        tables=lambda wildcards, input: os.path.dirname(input.stability),
     log:
         "logs/report.log",
     conda:
         CPU_ENV
+    params:
+        tables=lambda wildcards, input: os.path.dirname(input.stability),
     shell:
         "python -m ckpt_stability report --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
         " --settings {input.settings:q} --output {output.report:q} > {log:q} 2>&1"

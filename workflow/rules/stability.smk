@@ -8,12 +8,12 @@ localrules:
 rule plan:
     output:
         "results/plan.json",
-    params:
-        plan=json.dumps(dataclasses.asdict(PLAN), ensure_ascii=False),
     log:
         "logs/plan.log",
     conda:
         CPU_ENV
+    params:
+        plan=json.dumps(dataclasses.asdict(PLAN), ensure_ascii=False),
     shell:
         "python -m ckpt_stability write-json --output {output:q} {params.plan:q} > {log:q} 2>&1"
 
@@ -43,12 +43,12 @@ rule stability:
         improvement_md="results/tables/improvement.md",
         excluded="results/tables/excluded.csv",
         excluded_md="results/tables/excluded.md",
-    params:
-        output_dir=lambda wildcards, output: os.path.dirname(output.stability),
     log:
         "logs/stability.log",
     conda:
         CPU_ENV
+    params:
+        output_dir=lambda wildcards, output: os.path.dirname(output.stability),
     shell:
         "python -m ckpt_stability stability --plan {input.plan:q} --scores {input.scores:q}"
         " --output-dir {params.output_dir:q} > {log:q} 2>&1"
