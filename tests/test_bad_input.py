@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import JGLUE, ROOT, cli, snakemake
+from helpers import JGLUE, ROOT, cli, snakemake
 
 
 def dry_run(workdir: Path, config: dict | str) -> tuple[int, str]:

@@ -24,7 +24,7 @@ from ckpt_stability.checkpoints import (LAYOUTS, SUPPORTED, check_model_dir, dis
                                         read_checkpoint_headers, weight_files)
 from ckpt_stability.errors import InputError, UnusableCheckpoint
 from ckpt_stability.predictions import read_predictions
-from conftest import JGLUE, cli
+from helpers import JGLUE, cli
 
 SHARDED = [layout for layout in LAYOUTS if layout.endswith(".index.json")]
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".index.json")

@@ -9,7 +9,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
-from conftest import ROOT, small_config, snakemake
+from helpers import ROOT, small_config, snakemake
 
 SCHEMA = str(ROOT / "workflow" / "schemas" / "config.schema.yaml")
 

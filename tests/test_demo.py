@@ -8,7 +8,7 @@ from dataclasses import replace
 from ckpt_stability.checkpoints import discover
 from ckpt_stability.demo import TASKS, pretrain
 from ckpt_stability.tasks import load_task
-from conftest import ROOT, TINY_DEMO, TINY_SIZE
+from helpers import ROOT, TINY_DEMO, TINY_SIZE
 
 
 def digests(directory):

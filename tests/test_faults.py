@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from ckpt_stability.predictions import read_predictions
-from conftest import JGLUE, cli, cli_command, snakemake, snakemake_command
+from helpers import JGLUE, cli, cli_command, snakemake, snakemake_command
 
 
 def long_task(source: Path, path: Path, repeat: int) -> Path:

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from ckpt_stability.gpus import claim_gpu, visible_gpus
-from conftest import small_config, snakemake
+from helpers import small_config, snakemake
 
 CLAIM = ("import os, sys, time; from ckpt_stability.gpus import claim_gpu\n"
          "print(claim_gpu(sys.argv[1], poll_seconds=0.05), os.environ['CUDA_VISIBLE_DEVICES'], flush=True)\n"

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from conftest import small_config, snakemake
+from helpers import small_config, snakemake
 
 # Jobs that run whenever the run's checkpoints change: the plan lists the steps, and every reduction reads it.
 REDUCTIONS = {("plan", ""), ("scores", ""), ("stability", ""), ("indicators", ""), ("report", ""), ("all", "")}

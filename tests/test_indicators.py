@@ -13,7 +13,7 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.indicators import (comparator_accuracy, final_stabilised_targets, indicators_table,
                                        kendall_tau, pairwise_accuracy, read_targets, score_proxies)
 from ckpt_stability.plan import Plan
-from conftest import with_context_length
+from helpers import with_context_length
 
 HELDOUT = "質問：りんごの色は何色ですか？\n回答：赤\n" * 6
 

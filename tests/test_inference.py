@@ -15,7 +15,7 @@ from ckpt_stability.backends.transformers import TransformersBackend
 from ckpt_stability.predictions import read_predictions
 from ckpt_stability.prompts import PromptTemplate
 from ckpt_stability.tasks import load_task
-from conftest import JGLUE, with_context_length
+from helpers import JGLUE, with_context_length
 
 
 @pytest.fixture(scope="module")

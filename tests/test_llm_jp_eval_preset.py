@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import JGLUE, ROOT, snakemake, with_context_length
+from helpers import JGLUE, ROOT, snakemake, with_context_length
 
 PRESET = ROOT / "config" / "llm-jp-eval-v1.4.1.yaml"
 # the JGLUE subset each fake task borrows its samples from, and its metrics as llm-jp-eval v1.4.1 lists them

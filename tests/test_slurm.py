@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, small_config, snakemake
+from helpers import ROOT, small_config, snakemake
 
 pytestmark = pytest.mark.slurm
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from conftest import ROOT, small_config
+from helpers import ROOT, small_config, snakemake
 
 AWKWARD = "my runs 'a' $HOME & (b)"
 """a directory name with a space and the shell's special characters: quoted wrong, it splits, expands or forks"""
@@ -154,8 +154,6 @@ def diverged_run(tiny_demo, tmp_path_factory):
     config["final_fraction"] = 1.0
     config["perplexity_text"] = str(tiny_demo / "heldout.txt")
     (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    from conftest import snakemake
-
     result = snakemake(workdir)
     return workdir, result
 

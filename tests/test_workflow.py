@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from ckpt_stability.predictions import read_predictions
-from conftest import JGLUE, small_config, snakemake
+from helpers import JGLUE, small_config, snakemake
 
 
 def file_states(*roots: Path) -> dict[Path, tuple[int, str | None]]:
