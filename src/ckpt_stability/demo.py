@@ -250,6 +250,8 @@ def train_run(data: Path, output: Path, settings: DemoSettings, size: ModelSize)
     import torch
     from transformers import AutoTokenizer
 
+    from ckpt_stability.backends.transformers import no_progress_bars
+
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
     torch.use_deterministic_algorithms(True)
@@ -262,7 +264,9 @@ def train_run(data: Path, output: Path, settings: DemoSettings, size: ModelSize)
     stream: list[int] = []
     while len(stream) < tokens_needed:
         batch = [next(corpus) for _ in range(512)]
-        for ids in tokenizer(batch, add_special_tokens=True)["input_ids"]:
+        # verbose=False: no warning that a document is longer than model_max_length; the stream is cut
+        # into seq_len windows below
+        for ids in tokenizer(batch, add_special_tokens=True, verbose=False)["input_ids"]:
             stream.extend(ids + [tokenizer.eos_token_id])
     data_tensor = torch.tensor(stream[:tokens_needed]).view(settings.train_steps, settings.batch_size,
                                                              settings.seq_len)
@@ -283,7 +287,7 @@ def train_run(data: Path, output: Path, settings: DemoSettings, size: ModelSize)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if step % settings.save_every == 0:
-            with atomic_directory(output / f"checkpoint-{step}") as tmp:
+            with atomic_directory(output / f"checkpoint-{step}") as tmp, no_progress_bars():
                 model.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
             log.info("step %d: loss %.4f (%.0f s)", step, loss.item(), time.perf_counter() - started)

@@ -26,7 +26,9 @@ class Backend(ABC):
 
     def encode(self, texts: Sequence[str]) -> list[list[int]]:
         """The token ids of each text, as this backend tokenizes prompts."""
-        return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens)["input_ids"]
+        # verbose=False: no "longer than the specified maximum sequence length" warning; callers window long
+        # texts (token_nll) or check prompts against context_length themselves
+        return self.tokenizer(list(texts), add_special_tokens=self.add_special_tokens, verbose=False)["input_ids"]
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """How many tokens each text is, as this backend tokenizes prompts."""

@@ -7,7 +7,9 @@ that: a prompt costs one forward pass over its own tokens however many choices i
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import os
 from collections.abc import Iterator, Sequence
 
@@ -22,6 +24,29 @@ def common_prefix_length(sequences: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all the sequences share (``commonprefix`` compares any sequences item by
     item, through the lexicographically smallest and largest only)."""
     return len(os.path.commonprefix(list(sequences)))
+
+
+@contextlib.contextmanager
+def no_progress_bars() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards") off for the block: in a job's
+    log they are carriage-return noise. The previous setting is restored afterwards."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
+def cache_argument(model) -> str:
+    """The name under which the model's ``forward`` takes a key/value cache, and its output returns it:
+    ``cache`` in current transformers (5.24; there ``past_key_values`` still works, with a FutureWarning,
+    until 5.40), ``past_key_values`` in older ones (5.20.2, the GPU env's, has no ``cache``: it would take
+    ``cache=`` into ``**kwargs`` and silently run without the cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class TransformersBackend(Backend):
@@ -41,7 +66,9 @@ class TransformersBackend(Backend):
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:
             self.pad_id = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.torch_dtype).to(self.device).eval()
+        with no_progress_bars():
+            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.torch_dtype).to(self.device).eval()
+        self.cache_argument = cache_argument(self.model)
         config = self.model.config
         context_length = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
         if not context_length:
@@ -54,6 +81,12 @@ class TransformersBackend(Backend):
         order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
         for start in range(0, len(order), self.batch_size):
             yield order[start:start + self.batch_size]
+
+    def _forward_cached(self, cache, **inputs) -> tuple[torch.Tensor, object]:
+        """A forward pass on top of ``cache`` (None: none yet): its logits and the cache extended by its
+        tokens."""
+        output = self.model(**inputs, use_cache=True, **{self.cache_argument: cache})
+        return output.logits, getattr(output, self.cache_argument)
 
     def _pad(self, sequences: list[list[int]], left: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids and attention mask of a batch, padded on the left (prompts to continue) or on the
@@ -98,8 +131,10 @@ class TransformersBackend(Backend):
         # the task's prefix (header and few-shot examples): what every prompt shares, run once for all;
         # each example keeps at least one token of its own, whose logits score its choices' first token
         shared = min(common_prefix_length([example[0] for example in wholes]), min(prefix_lengths) - 1)
-        shared_cache = self.model(input_ids=torch.tensor([wholes[0][0][:shared]], device=self.device),
-                                  use_cache=True, logits_to_keep=1).past_key_values if shared > 0 else None
+        shared_cache = None
+        if shared > 0:
+            shared_ids = torch.tensor([wholes[0][0][:shared]], device=self.device)
+            _, shared_cache = self._forward_cached(None, input_ids=shared_ids, logits_to_keep=1)
         result = np.zeros((len(prompts), n_choices))
         for batch in self._batches(prefix_lengths):
             scores = self._score_on_shared_prefix([wholes[i] for i in batch], [starts[i] for i in batch],
@@ -125,10 +160,9 @@ class TransformersBackend(Backend):
         prefix_mask = torch.cat([torch.ones((n_examples, shared), dtype=torch.long, device=self.device),
                                  query_mask], dim=1)
         query_positions = shared + (query_mask.cumsum(-1) - 1).clamp(min=0)
-        prefix = self.model(input_ids=query_ids, attention_mask=prefix_mask, position_ids=query_positions,
-                            past_key_values=cache, use_cache=True, logits_to_keep=1)
-        last_logprobs = torch.log_softmax(prefix.logits[:, -1, :].float(), dim=-1)
-        cache = prefix.past_key_values
+        prefix_logits, cache = self._forward_cached(cache, input_ids=query_ids, attention_mask=prefix_mask,
+                                                    position_ids=query_positions, logits_to_keep=1)
+        last_logprobs = torch.log_softmax(prefix_logits[:, -1, :].float(), dim=-1)
         cache.batch_repeat_interleave(n_choices)
 
         suffixes = [whole[p:] for example, p in zip(wholes, prefix_lengths) for whole in example]
@@ -137,9 +171,9 @@ class TransformersBackend(Backend):
         lengths = torch.tensor(prefix_lengths, device=self.device).repeat_interleave(n_choices)
         positions = lengths[:, None] + torch.arange(width, device=self.device)[None, :]
         mask = torch.cat([prefix_mask.repeat_interleave(n_choices, dim=0), suffix_mask], dim=1)
-        suffix = self.model(input_ids=suffix_ids, attention_mask=mask, position_ids=positions,
-                            past_key_values=cache, use_cache=True)
-        suffix_logprobs = torch.log_softmax(suffix.logits.float(), dim=-1)
+        suffix_logits, _ = self._forward_cached(cache, input_ids=suffix_ids, attention_mask=mask,
+                                                position_ids=positions)
+        suffix_logprobs = torch.log_softmax(suffix_logits.float(), dim=-1)
 
         scores = np.zeros((n_examples, n_choices))
         for row, suffix_tokens in enumerate(suffixes):
