@@ -53,7 +53,7 @@ def test_outputs_follow_the_contract(finished_run):
     # averaged weights are temporary by default
     assert not any((finished_run / "results" / "averaged").rglob("*.safetensors"))
     jnli = read_predictions(predictions / "avg2" / "step30" / "jnli.parquet")
-    assert len(jnli.prediction) == 8 and jnli.provenance["members"] == "20,30"
+    assert len(jnli.prediction) == 8 and jnli.provenance["members"] == [20, 30]
     assert jnli.provenance["model_path"] == "results/averaged/tiny/avg2/step30"
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ckpt_stability import __version__
 from ckpt_stability.errors import InputError, UnusableCheckpoint
+from ckpt_stability.methods import ENSEMBLE, produced_by
 
 log = logging.getLogger("ckpt_stability")
 
@@ -28,15 +29,25 @@ def _demo_train(args: argparse.Namespace) -> None:
     train_run(Path(args.data), Path(args.output), settings, MODEL_SIZES[args.size])
 
 
+def _steps(text: str) -> list[int]:
+    """Comma-separated steps."""
+    return [int(step) for step in text.split(",")]
+
+
+META_TYPES = {"run": str, "method": str, "window": int, "step": int, "members": _steps}
+"""The type of each known --meta key (members: comma-separated steps); any other key's value is a string."""
+
+
 def _meta(items: list[str]) -> dict:
-    """KEY=VALUE pairs; a VALUE that parses as JSON is stored parsed."""
+    """KEY=VALUE pairs, each VALUE of its key's type (META_TYPES)."""
     meta = {}
     for item in items:
         key, _, value = item.partition("=")
         try:
-            meta[key] = json.loads(value)
+            meta[key] = META_TYPES.get(key, str)(value)
         except ValueError:
-            meta[key] = value
+            expected = "comma-separated integers" if META_TYPES[key] is _steps else "an integer"
+            raise InputError(f"--meta {item}: {key} must be {expected}") from None
     return meta
 
 
@@ -54,7 +65,7 @@ def _average(args: argparse.Namespace) -> None:
     from ckpt_stability.averaging import average_checkpoints
     from ckpt_stability.outcomes import write_excluded_directory
 
-    steps = [int(step) for step in args.steps.split(",")] if args.steps else None
+    steps = _steps(args.steps) if args.steps else None
     try:
         average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), dtype=args.dtype,
                             max_shard_size=args.max_shard_size, steps=steps, threads=args.threads)
@@ -132,10 +143,10 @@ def _indicators(args: argparse.Namespace) -> None:
 def _ensemble(args: argparse.Namespace) -> None:
     from ckpt_stability.ensemble import ensemble_window
 
-    outputs = {method: Path(directory) for method, directory in (("vote", args.vote_dir), ("prob", args.prob_dir))
-               if directory}
+    outputs = {method.name: Path(getattr(args, f"{method.name}_dir")) for method in produced_by(ENSEMBLE)
+               if getattr(args, f"{method.name}_dir")}
     if not outputs:
-        raise InputError("give --vote-dir and/or --prob-dir")
+        raise InputError(f"give {' and/or '.join(f'--{method.name}-dir' for method in produced_by(ENSEMBLE))}")
     ensemble_window([Path(d) for d in args.members], args.tasks.split(","), outputs, provenance=_meta(args.meta))
 
 
@@ -243,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--threads", type=int, help="CPU threads for torch")
     evaluate.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
-                          help="extra provenance stored in the output files (repeatable)")
+                          help="extra provenance stored in the output files (repeatable); run, method: text, "
+                               "window, step: integers, members: comma-separated steps, stored as a list")
     evaluate.add_argument("--perplexity-text", metavar="FILE",
                           help="also measure the model's perplexity on this held-out text (UTF-8) ...")
     evaluate.add_argument("--perplexity-output", metavar="JSON",
@@ -257,10 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("members", nargs="+", metavar="PREDICTIONS_DIR",
                           help="directories holding {task}.parquet of each checkpoint, oldest first")
     ensemble.add_argument("--tasks", required=True, help="task names, comma-separated")
-    ensemble.add_argument("--vote-dir", help="write the majority-vote ensemble here")
-    ensemble.add_argument("--prob-dir", help="write the probability-averaging ensemble here (choice tasks)")
+    for method in produced_by(ENSEMBLE):
+        ensemble.add_argument(f"--{method.name}-dir", help=f"write the {method.label} ensemble here"
+                                                            + " (choice tasks)" * method.choice_only)
     ensemble.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
-                          help="extra provenance stored in the output files (repeatable)")
+                          help="extra provenance stored in the output files (repeatable); run, method: text, "
+                               "window, step: integers, members: comma-separated steps, stored as a list")
     ensemble.set_defaults(handler=_ensemble)
 
     scores = commands.add_parser("scores", help="gather every prediction file's score into one table")

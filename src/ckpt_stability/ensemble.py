@@ -1,5 +1,7 @@
 """Checkpoint ensembles: combine the raw predictions of a window's checkpoints, per example.
 
+One function per method that ``methods.METHODS`` says is produced by ENSEMBLE, named after it:
+
 * ``vote``: majority vote over the window's predictions. A tie goes, for choice tasks, to the tied
   answer with the highest window-mean probability (softmax over the choices' log-likelihoods);
   otherwise to the tied answer predicted by the latest checkpoint.
@@ -17,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_stability.errors import InputError
+from ckpt_stability.methods import BY_NAME, ENSEMBLE, produced_by
 from ckpt_stability.metrics import score_examples
 from ckpt_stability.predictions import Predictions, excluded_predictions, read_predictions, write_predictions
 
-METHODS = ("vote", "prob")
+METHODS = tuple(method.name for method in produced_by(ENSEMBLE))
 
 
 def _softmax(logprobs: np.ndarray) -> np.ndarray:
@@ -81,7 +84,7 @@ def prob(members: list[Predictions], paths: list[Path]) -> tuple[list[str], np.n
 
 def combine(members: list[Predictions], paths: list[Path], method: str, provenance: dict | None = None) -> Predictions:
     """The ensemble of one task's aligned predictions (oldest checkpoint first), scored."""
-    predicted, logprobs = {"vote": vote, "prob": prob}[method](members, paths)
+    predicted, logprobs = COMBINERS[method](members, paths)
     first = members[0]
     return Predictions(
         example_id=first.example_id,
@@ -102,8 +105,8 @@ def combine(members: list[Predictions], paths: list[Path], method: str, provenan
 def ensemble_window(member_dirs: list[Path], tasks: list[str], outputs: dict[str, Path],
                     provenance: dict | None = None) -> dict[tuple[str, str], float]:
     """For each task, combine ``{member_dir}/{task}.parquet`` (oldest checkpoint first) by each method of
-    ``outputs`` (method -> output directory) into ``{output}/{task}.parquet``; ``prob`` is skipped for
-    tasks not scored by choice. Returns the scores."""
+    ``outputs`` (method -> output directory) into ``{output}/{task}.parquet``; a method is skipped for
+    the tasks it does not cover (``prob``: those not scored by choice). Returns the scores."""
     if len(member_dirs) < 2:
         raise InputError(f"an ensemble needs at least 2 checkpoints' predictions, got {len(member_dirs)}")
     scores = {}
@@ -114,7 +117,7 @@ def ensemble_window(member_dirs: list[Path], tasks: list[str], outputs: dict[str
         if excluded is None:
             _check_aligned(members, paths)
         for method, directory in outputs.items():
-            if method == "prob" and members[0].provenance["task"]["mode"] != "choice":
+            if not BY_NAME[method].covers(members[0].provenance["task"]["mode"]):
                 continue
             if excluded is None:
                 result = combine(members, paths, method, provenance)
@@ -127,3 +130,7 @@ def ensemble_window(member_dirs: list[Path], tasks: list[str], outputs: dict[str
             write_predictions(Path(directory) / f"{task}.parquet", result)
             scores[task, method] = result.task_score
     return scores
+
+
+COMBINERS = {name: globals()[name] for name in METHODS}
+"""method -> its function above: a method of the registry without one fails here, at import."""

@@ -33,7 +33,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ckpt_stability import layout
 from ckpt_stability.errors import InputError
+from ckpt_stability.methods import BY_NAME, EVALUATE, RAW, STABILISERS
 from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 
@@ -60,12 +62,13 @@ def score_proxies(scores: pd.DataFrame) -> pd.DataFrame:
 def perplexity_proxies(plan: Plan, directory: Path) -> pd.DataFrame:
     """Models x ``1/PPL {method}{n}`` from the perplexity files written by ``perplexity``."""
     rows = []
-    for run, steps in plan.runs.items():
-        series = [("raw", 1, steps)] + [("avg", n, steps[n - 1:]) for n in plan.windows
-                                        if n > 1 and "avg" in plan.methods]
+    for run in plan.runs:
+        # the evaluated models: the raw checkpoints and the averaged models
+        series = [(method, window, model_steps) for method, window, model_steps, _ in plan.series(run)
+                  if BY_NAME[method].produced_by == EVALUATE]
         for method, window, series_steps in series:
             for step in series_steps:
-                path = directory / run / f"{method}{window}" / f"step{step}.json"
+                path = Path(layout.perplexity(str(directory), run=run, method=method, n=window, step=step))
                 try:
                     record = json.loads(path.read_text(encoding="utf-8"))
                     if EXCLUDED_KEY not in record:
@@ -97,8 +100,9 @@ def final_stabilised_targets(plan: Plan, proxies: pd.DataFrame) -> pd.Series:
     """The stand-in target: each run's overall score at its last step with the largest window (avg, else
     vote, else raw), given to the run's earlier checkpoints."""
     largest = max(plan.windows)
-    method = next((m for m in ("avg", "vote") if m in plan.methods and largest > 1), "raw")
-    column = f"overall {method}{largest if method != 'raw' else 1}"
+    # the first configured method, in the registry's order, that covers every task
+    method = next((m for m in STABILISERS if m.name in plan.methods and not m.choice_only and largest > 1), RAW)
+    column = f"overall {method.name}{1 if method is RAW else largest}"
     targets = {}
     for run, steps in plan.runs.items():
         final = proxies[column].get((run, steps[-1]), math.nan)  # NaN: that model was excluded

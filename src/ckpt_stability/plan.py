@@ -1,7 +1,7 @@
 """The plan of a workflow run: which prediction files exist, and the final segment.
 
 The workflow writes it as ``results/plan.json``; the reductions read it, so that both enumerate the
-same files by the output contract ``{predictions}/{run}/{method}{n}/step{step}/{task}.parquet``.
+same files by the output contract (``layout.PREDICTIONS``) and the same methods (``methods.METHODS``).
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from ckpt_stability import layout
 from ckpt_stability.errors import InputError
+from ckpt_stability.methods import RAW, STABILISERS, covered_tasks
 
 
 @dataclass(frozen=True)
@@ -24,7 +26,7 @@ class Plan:
     tasks: dict[str, dict]
     """name -> {"category": ..., "mode": ...}"""
     final_fraction: float = 0.2
-    predictions: str = "results/predictions"
+    predictions: str = layout.PREDICTIONS_DIR
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Plan":
@@ -34,19 +36,18 @@ class Plan:
             raise InputError(f"{path}: invalid plan ({error})") from None
 
     def series(self, run: str) -> list[tuple[str, int, list[int], list[str]]]:
-        """(method, window, steps, tasks) of every score series of a run, raw first."""
+        """(method, window, steps, tasks) of every score series of a run: raw, then for each window n > 1 the
+        configured methods in the registry's order, each on the tasks it covers."""
         steps = self.runs[run]
-        choice_tasks = [name for name, task in self.tasks.items() if task["mode"] == "choice"]
-        result = [("raw", 1, steps, list(self.tasks))]
+        result = [(RAW.name, 1, steps, covered_tasks(RAW.name, self.tasks))]
         for window in sorted(w for w in self.windows if w > 1):
-            for method in ("avg", "vote", "prob"):
-                if method in self.methods:
-                    result.append((method, window, steps[window - 1:],
-                                   choice_tasks if method == "prob" else list(self.tasks)))
+            for method in STABILISERS:
+                if method.name in self.methods:
+                    result.append((method.name, window, steps[window - 1:], covered_tasks(method.name, self.tasks)))
         return result
 
     def path(self, run: str, method: str, window: int, step: int, task: str) -> Path:
-        return Path(self.predictions) / run / f"{method}{window}" / f"step{step}" / f"{task}.parquet"
+        return Path(layout.predictions(self.predictions, run=run, method=method, n=window, step=step, task=task))
 
     def segment(self, run: str) -> list[int]:
         return final_segment(self.runs[run], self.final_fraction, max(self.windows))

@@ -35,6 +35,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from ckpt_stability import __version__
+from ckpt_stability import methods as registry
 from ckpt_stability.atomic import atomic_directory, write_text
 from ckpt_stability.errors import InputError
 from ckpt_stability.outcomes import EXCLUDED_KEY
@@ -42,14 +43,15 @@ from ckpt_stability.plan import Plan
 from ckpt_stability.predictions import METADATA_KEY, read_table
 from ckpt_stability.stability import excluded_models, series_metrics
 
-METHODS = ["raw", "avg", "vote", "prob"]
-METHOD_LABELS = {"raw": "raw checkpoint", "avg": "weight averaging", "vote": "majority vote",
-                 "prob": "probability averaging"}
-METHOD_COLORS = {"raw": "#333333", "avg": "#0173b2", "vote": "#de8f05", "prob": "#029e73"}
+RAW = registry.RAW.name
+METHODS = [method.name for method in registry.METHODS]
+METHOD_LABELS = {method.name: method.label for method in registry.METHODS}
+METHOD_COLORS = {RAW: "#333333", registry.AVG.name: "#0173b2", registry.VOTE.name: "#de8f05",
+                 registry.PROB.name: "#029e73"}
 # distinct markers and dashes keep methods with equal values apart where their lines overlap
-METHOD_STYLES = {"avg": {"marker": "o", "ls": "-", "ms": 7, "lw": 2.2},
-                 "vote": {"marker": "s", "ls": "--", "ms": 5, "lw": 1.8},
-                 "prob": {"marker": "^", "ls": ":", "ms": 4, "lw": 1.6}}
+METHOD_STYLES = {registry.AVG.name: {"marker": "o", "ls": "-", "ms": 7, "lw": 2.2},
+                 registry.VOTE.name: {"marker": "s", "ls": "--", "ms": 5, "lw": 1.8},
+                 registry.PROB.name: {"marker": "^", "ls": ":", "ms": 4, "lw": 1.6}}
 HEATMAP_EXAMPLES = 20
 HEATMAP_STEPS = 120
 """The heatmaps show at most this many of the last steps (always the whole final segment)."""
@@ -97,7 +99,7 @@ class ScoreSeries:
 
     def __init__(self, scores: pd.DataFrame, run: str):
         self._category = dict(zip(scores["task"], scores["category"]))
-        raw = scores[(scores["run"] == run) & (scores["method"] == "raw")]
+        raw = scores[(scores["run"] == run) & (scores["method"] == RAW)]
         self.excluded_raw_steps = sorted(set(raw.loc[raw[EXCLUDED_KEY].notna(), "step"]))
         """the checkpoints that could not be evaluated, marked on the trajectories"""
         self._wide = scores[scores["run"] == run].pivot_table(index="step", columns=["method", "window", "task"],
@@ -114,7 +116,7 @@ class ScoreSeries:
 
 
 def covered_tasks(plan: Plan, method: str, tasks: list[str]) -> list[str]:
-    return [task for task in tasks if method != "prob" or plan.tasks[task]["mode"] == "choice"]
+    return [task for task in tasks if registry.BY_NAME[method].covers(plan.tasks[task]["mode"])]
 
 
 def _read_raw_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -125,7 +127,7 @@ def _read_raw_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
 
 def read_raw(plan: Plan, run: str, threads: int = 4) -> dict[str, RawTask]:
     steps = plan.runs[run]
-    paths = {task: [plan.path(run, "raw", 1, step, task) for step in steps] for task in plan.tasks}
+    paths = {task: [plan.path(run, RAW, 1, step, task) for step in steps] for task in plan.tasks}
     with ThreadPoolExecutor(threads) as pool:
         read = {task: list(pool.map(_read_raw_file, task_paths)) for task, task_paths in paths.items()}
     result = {}
@@ -180,7 +182,7 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
     """Rows: tasks or task groups; columns: the stabilising methods, each window against raw."""
     segment = plan.segment(run)
     windows = sorted(w for w in plan.windows if w > 1)
-    columns = [m for m in METHODS[1:] if m in plan.methods and windows] or ["raw"]
+    columns = [m for m in METHODS[1:] if m in plan.methods and windows] or [RAW]
     window_colors = dict(zip(windows, sns.color_palette("flare", len(windows))))
     figure = MplFigure(figsize=(1.2 + 3.6 * len(columns), 0.9 + 2.0 * len(rows)), layout="constrained")
     axes = figure.subplots(len(rows), len(columns), sharex=True, sharey="row", squeeze=False)
@@ -200,16 +202,16 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
                 ax.text(0.5, 0.5, "choice tasks only", ha="center", va="center", transform=ax.transAxes,
                         color="#777777")
                 continue
-            if method != "raw":
+            if method != RAW:
                 for window in windows:
                     values = series.mean(method, window, tasks_here)
                     ax.plot(values.index, values.to_numpy(), color=window_colors[window], lw=2.0)
             # raw thin and on top, so that it stays visible where a window's line coincides with it
-            raw = series.mean("raw", 1, tasks_here)
-            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS["raw"], lw=1.0)
+            raw = series.mean(RAW, 1, tasks_here)
+            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS[RAW], lw=1.0)
             for step in series.excluded_raw_steps:
                 ax.axvline(step, **EXCLUDED_STYLE)
-    handles = ([Line2D([], [], color=METHOD_COLORS["raw"], lw=1.0, label="raw (n = 1)")]
+    handles = ([Line2D([], [], color=METHOD_COLORS[RAW], lw=1.0, label="raw (n = 1)")]
                + [Line2D([], [], color=window_colors[w], lw=2.0, label=f"n = {w}") for w in windows]
                + [Patch(color=SEGMENT_COLOR, label="final segment")]
                + [Line2D([], [], label="excluded checkpoint", **EXCLUDED_STYLE)] * bool(series.excluded_raw_steps))
@@ -254,7 +256,7 @@ def window_figure(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame
 
 
 def variant_label(method: str, window: int) -> str:
-    return "raw" if method == "raw" else f"{method} n={window}"
+    return RAW if method == RAW else f"{method} n={window}"
 
 
 def flips_figure(table: pd.DataFrame, tasks: list[str]) -> MplFigure:
@@ -305,8 +307,8 @@ def indicators_section(table: pd.DataFrame, figures: FigureWriter) -> dict:
     scores = table[table["kind"] == "score"].dropna(subset=["pairwise_accuracy"])
     perplexity = table[table["kind"] == "perplexity"].dropna(subset=["pairwise_accuracy"])
     comparator = table[table["kind"] == "comparator"].dropna(subset=["pairwise_accuracy"])
-    raw = scores[scores["method"] == "raw"]
-    stabilised = scores[scores["method"] != "raw"]
+    raw = scores[scores["method"] == RAW]
+    stabilised = scores[scores["method"] != RAW]
     return {
         "target": table["target"].iloc[0] if len(table) else "",
         "best": scores.iloc[0].to_dict() if len(scores) else None,
@@ -364,8 +366,8 @@ def example_heatmap(task: str, segment: list[int], raw: RawTask) -> tuple[MplFig
 
 def raw_baseline(series: ScoreSeries, table: pd.DataFrame, tasks: list[str], segment: list[int]) -> dict[str, float]:
     """Raw's MTV and instability over ``tasks``: a group's instability is the mean of its tasks'."""
-    task_rows = table[(table["level"] == "task") & (table["method"] == "raw") & table["name"].isin(tasks)]
-    values = series.mean("raw", 1, tasks)  # the evaluated steps only
+    task_rows = table[(table["level"] == "task") & (table["method"] == RAW) & table["name"].isin(tasks)]
+    values = series.mean(RAW, 1, tasks)  # the evaluated steps only
     return {"mtv": series_metrics(values[values.index.isin(segment)].to_numpy())["mtv"],
             "instability": float(task_rows["instability"].mean())}
 
@@ -397,9 +399,9 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame) ->
         steadiest = None
 
     methods = []
-    for method in [m for m in METHODS if m == "raw" or m in plan.methods]:
+    for method in [m for m in METHODS if m == RAW or m in plan.methods]:
         tasks = covered_tasks(plan, method, list(plan.tasks))
-        windows = [1] if method == "raw" else sorted(w for w in plan.windows if w > 1)
+        windows = [1] if method == RAW else sorted(w for w in plan.windows if w > 1)
         if not tasks or not windows:
             continue
         best = None
@@ -410,7 +412,7 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame) ->
         mine = [v for v in variants if v["method"] == method]
         methods.append({"method": method, "label": METHOD_LABELS[method], "choice_only": len(tasks) < len(plan.tasks),
                         "best": best, "steadiest": min(mine, key=lambda v: v["mtv_ratio"], default=None)})
-    raw_overall = overall.loc[("raw", 1)]
+    raw_overall = overall.loc[(RAW, 1)]
     return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": segment,
             "raw_mtv": float(raw_overall["mtv"]), "raw_instability": float(raw_overall["instability"]),
             "raw_flipped": float(raw_overall["ever_flipped"])}
@@ -595,5 +597,5 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
     settings_view, warnings = settings_section(plan, settings_data, raw)
     page = _environment().get_template("report.html.j2").render(
         runs=runs, indicators=indicators, settings=settings_view, warnings=warnings, tasks=list(plan.tasks),
-        methods=[m for m in METHODS if m == "raw" or m in plan.methods], method_labels=METHOD_LABELS)
+        methods=[m for m in METHODS if m == RAW or m in plan.methods], method_labels=METHOD_LABELS, raw_method=RAW)
     write_text(output, page)

@@ -35,6 +35,7 @@ import pandas as pd
 
 from ckpt_stability.atomic import atomic_file, write_text
 from ckpt_stability.errors import InputError
+from ckpt_stability.methods import RAW
 from ckpt_stability.metrics import exact_match, prediction_similarity
 from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
@@ -143,7 +144,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
             for task in tasks:
                 jobs.append((run, method, window, task, segment, healthy))
     for task in plan.tasks:
-        path = next(plan.path(run, "raw", 1, plan.runs[run][-1], task) for run in plan.runs)
+        path = next(plan.path(run, RAW.name, 1, plan.runs[run][-1], task) for run in plan.runs)
         metric_of[task] = read_provenance(path)["task"]["metric"]
 
     def task_row(job):
@@ -204,22 +205,22 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
     The baseline covers the same tasks: a method that exists for some tasks only (``prob``, choice
     tasks) is compared, on its category and overall rows, with raw aggregated over those tasks."""
     task_rows = stability[stability["level"] == "task"]
-    raw_rows = task_rows[task_rows["method"] == "raw"]
+    raw_rows = task_rows[task_rows["method"] == RAW.name]
     segments = raw_rows.groupby("run")[["segment_start", "segment_end"]].first()
-    raw_scores = scores[(scores["method"] == "raw") & scores[EXCLUDED_KEY].isna()].join(segments, on="run")
+    raw_scores = scores[(scores["method"] == RAW.name) & scores[EXCLUDED_KEY].isna()].join(segments, on="run")
     raw_scores = raw_scores[raw_scores["step"].between(raw_scores["segment_start"], raw_scores["segment_end"])]
     raw_series = {key: group.sort_values("step")["score"].to_numpy()
                   for key, group in raw_scores.groupby(["run", "task"])}
 
     baselines = []
-    for (run, method, window), rows in task_rows[task_rows["method"] != "raw"].groupby(
+    for (run, method, window), rows in task_rows[task_rows["method"] != RAW.name].groupby(
             ["run", "method", "window"], sort=False):
         same_tasks = raw_rows[(raw_rows["run"] == run) & raw_rows["name"].isin(rows["name"])]
         same_tasks = same_tasks.assign(method=method, window=window)
         baselines += same_tasks.to_dict("records")
         baselines += _aggregate(same_tasks, lambda task: raw_series.get((run, task), np.zeros(0)))
     baseline = pd.DataFrame(baselines, columns=stability.columns)
-    others = stability[stability["method"] != "raw"].merge(baseline, on=KEYS, suffixes=("", "_raw"), validate="1:1")
+    others = stability[stability["method"] != RAW.name].merge(baseline, on=KEYS, suffixes=("", "_raw"), validate="1:1")
 
     def ratio(column):
         denominator = others[f"{column}_raw"].to_numpy()

@@ -8,7 +8,7 @@ rule average:
     input:
         window_checkpoints,
     output:
-        averaged_output("results/averaged/{run}/avg{n}/step{step}"),
+        averaged_output(layout.fill(layout.AVERAGED, method=AVG.name)),
     log:
         "logs/average/{run}/avg{n}/step{step}.log",
     group:

@@ -29,7 +29,9 @@ from ckpt_stability.config import check_unique_keys
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
 from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
 from ckpt_stability.errors import InputError
+from ckpt_stability import layout
 from ckpt_stability.gpus import visible_gpus
+from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, covered_tasks, produced_by
 from ckpt_stability.plan import Plan
 from ckpt_stability.metrics import DEFAULT_STOP
 from ckpt_stability.tasks import TASK_OPTIONS, load_task
@@ -48,8 +50,7 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 WINDOWS = sorted(set(config["windows"]) | {1})
 LARGEST_WINDOW = max(WINDOWS)
 TASKS = list(config["tasks"])
-CHOICE_TASKS = [name for name, task in config["tasks"].items() if task["mode"] == "choice"]
-ENSEMBLE_METHODS = [method for method in ("vote", "prob") if method in config["methods"]]
+ENSEMBLE_METHODS = [method.name for method in produced_by(ENSEMBLE) if method.name in config["methods"]]
 GPUS = visible_gpus()
 # Inference jobs take a GPU with the vllm backend, and with the others where this machine has one
 # (transformers then runs on it). On a cluster, profiles/slurm asks for a GPU per inference job anyway.
@@ -170,13 +171,15 @@ def averaged_output(path):
 
 
 def model_dir(wildcards):
-    if wildcards.method == "raw":
+    """The model that an evaluated method's job evaluates: the checkpoint itself, or the one built for it."""
+    if wildcards.method == RAW.name:
         return checkpoint_dir(wildcards)
-    return f"results/averaged/{wildcards.run}/avg{wildcards.n}/step{wildcards.step}"
+    return layout.fill(layout.AVERAGED, run=wildcards.run, method=wildcards.method, n=wildcards.n, step=wildcards.step)
 
 
-def ensemble_outputs(method, tasks):
-    return expand(f"results/predictions/{{{{run}}}}/{method}{{{{n}}}}/step{{{{step}}}}/{{task}}.parquet", task=tasks)
+def ensemble_outputs(method):
+    """An ensemble method's prediction files, one per task it covers, as patterns of {run}, {n} and {step}."""
+    return [layout.predictions(method=method, task=task) for task in covered_tasks(method, config["tasks"])]
 
 
 def window_raw_predictions(wildcards):
@@ -185,13 +188,13 @@ def window_raw_predictions(wildcards):
     the ensemble reruns too; a missing file is requested by rule scores, which lists every one. One file per
     member rather than one per task keeps the DAG of long runs small (see benchmarks/bench_dag.py)."""
     run = RUNS[wildcards.run]
-    return prediction_files(wildcards.run, "raw", 1, run.window(int(wildcards.step), int(wildcards.n)), TASKS[:1])
+    return prediction_files(wildcards.run, RAW.name, 1, run.window(int(wildcards.step), int(wildcards.n)), TASKS[:1])
 
 
 def window_raw_dirs(wildcards):
     run = RUNS[wildcards.run]
     return [
-        f"results/predictions/{wildcards.run}/raw1/step{step}"
+        str(PLAN.path(wildcards.run, RAW.name, 1, step, TASKS[0]).parent)
         for step in run.window(int(wildcards.step), int(wildcards.n))
     ]
 
@@ -227,9 +230,7 @@ def perplexity_input():
 
 
 def perplexity_output():
-    return (
-        {"perplexity": "results/perplexity/{run}/{method}{n}/step{step}.json"} if config.get("perplexity_text") else {}
-    )
+    return {"perplexity": layout.perplexity()} if config.get("perplexity_text") else {}
 
 
 def perplexity_options(wildcards, input, output):
@@ -239,20 +240,25 @@ def perplexity_options(wildcards, input, output):
 
 
 def perplexity_files():
-    """Every raw and averaged model's perplexity file, when a held-out text is configured."""
+    """Every evaluated (raw and averaged) model's perplexity file, when a held-out text is configured."""
     if not config.get("perplexity_text"):
         return []
     return [
-        f"results/perplexity/{name}/{method}{n}/step{step}.json"
+        layout.perplexity(run=name, method=method, n=n, step=step)
         for name in RUNS
         for method, n, steps, _ in PLAN.series(name)
-        if method in ("raw", "avg")
+        if BY_NAME[method].produced_by == EVALUATE
         for step in steps
     ]
 
 
+def evaluated_methods():
+    """The methods whose files rule evaluate writes, as a wildcard constraint."""
+    return "|".join(method.name for method in produced_by(EVALUATE))
+
+
 def indicator_options(wildcards, input):
-    options = "--perplexity-dir results/perplexity" if input.perplexity else ""
+    options = f"--perplexity-dir {layout.PERPLEXITY_DIR}" if input.perplexity else ""
     return options + (f" --targets {shlex.quote(input.targets)}" if input.targets else "")
 
 

@@ -1,7 +1,8 @@
 """Checkpoint ensembles: results/predictions/{run}/{vote,prob}{n}/step{step}/{task}.parquet.
 
 One job per window combines the raw predictions of its checkpoints for every task: a majority vote for
-all tasks, and the mean of the choice probabilities for choice tasks. It reads prediction files only."""
+all tasks, and the mean of the choice probabilities for choice tasks (the ensemble methods and the tasks
+each covers: ckpt_stability.methods). It reads prediction files only."""
 
 if ENSEMBLE_METHODS:
 
@@ -9,10 +10,7 @@ if ENSEMBLE_METHODS:
         input:
             window_raw_predictions,
         output:
-            **{
-                method: ensemble_outputs(method, CHOICE_TASKS if method == "prob" else TASKS)
-                for method in ENSEMBLE_METHODS
-            },
+            **{method: ensemble_outputs(method) for method in ENSEMBLE_METHODS},
         log:
             "logs/ensemble/{run}/n{n}/step{step}.log",
         conda:

@@ -32,11 +32,11 @@ rule evaluate:
         settings="results/evaluation_settings.json",
     output:
         **perplexity_output(),
-        predictions=expand("results/predictions/{{run}}/{{method}}{{n}}/step{{step}}/{task}.parquet", task=TASKS),
+        predictions=[layout.predictions(task=task) for task in TASKS],
     log:
         "logs/evaluate/{run}/{method}{n}/step{step}.log",
     wildcard_constraints:
-        method="raw|avg",
+        method=evaluated_methods(),
     group:
         "average_and_evaluate"
     conda:

@@ -10,7 +10,7 @@ rule report:
         indicators="results/tables/indicators.csv",
         settings="results/evaluation_settings.json",
         # the example-level view reads the raw predictions of every step
-        predictions=[file for name in RUNS for file in prediction_files(name, "raw", 1, PLAN.runs[name], TASKS)],
+        predictions=[file for name in RUNS for file in prediction_files(name, RAW.name, 1, PLAN.runs[name], TASKS)],
     output:
         report=report("results/report/report.html", caption="../report/report.rst", category="Report"),
         figures=report(

@@ -1,0 +1,38 @@
+"""The output layout (README, "Outputs"): where every file of the workflow goes.
+
+Each path is a ``str.format`` template whose fields are the workflow's wildcards (``{run}``,
+``{method}``, ``{n}``, ``{step}``, ``{task}``), so that the rules use it as a Snakemake pattern and the
+package formats it. ``fill`` fills some fields and leaves the others as wildcards.
+"""
+
+from __future__ import annotations
+
+RESULTS = "results"
+PREDICTIONS_DIR = f"{RESULTS}/predictions"
+PREDICTIONS = "{run}/{method}{n}/step{step}/{task}.parquet"
+"""A model's or an ensemble's predictions on a task, under a predictions directory (PREDICTIONS_DIR)."""
+PERPLEXITY_DIR = f"{RESULTS}/perplexity"
+PERPLEXITY = "{run}/{method}{n}/step{step}.json"
+"""A model's perplexity on the held-out text, under a perplexity directory (PERPLEXITY_DIR)."""
+AVERAGED = f"{RESULTS}/averaged/{{run}}/{{method}}{{n}}/step{{step}}"
+"""An averaged model (a Hugging Face directory)."""
+
+
+class _Wildcards(dict):
+    def __missing__(self, field: str) -> str:
+        return f"{{{field}}}"
+
+
+def fill(template: str, **fields) -> str:
+    """``template`` with ``fields`` filled in and every other field left as it is, a wildcard."""
+    return template.format_map(_Wildcards(fields))
+
+
+def predictions(root: str = PREDICTIONS_DIR, **fields) -> str:
+    """The predictions pattern under ``root``, with ``fields`` filled in."""
+    return fill(f"{root}/{PREDICTIONS}", **fields)
+
+
+def perplexity(root: str = PERPLEXITY_DIR, **fields) -> str:
+    """The perplexity pattern under ``root``, with ``fields`` filled in."""
+    return fill(f"{root}/{PERPLEXITY}", **fields)

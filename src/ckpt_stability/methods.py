@@ -1,0 +1,56 @@
+"""The methods: how the score of a step with a window is obtained (README, "Definitions").
+
+The one list of them. The plan, the rules, the ensembles, the reductions, the report and the indicators
+ask it, so that adding a method is one entry here plus the code that produces it (an ensemble: a
+function of that name in ``ensemble.py``; a model: a rule that builds it) and its documentation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+EVALUATE = "evaluate"
+"""Produced by evaluating a model (the checkpoint itself, or one built from the window's checkpoints)."""
+ENSEMBLE = "ensemble"
+"""Produced by combining the window's raw prediction files (``ensemble.py``, no model runs)."""
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    """As in file names (``{name}{n}``), the config's ``methods`` and the tables' ``method`` column."""
+    label: str
+    """In words, for the report."""
+    produced_by: str
+    """EVALUATE or ENSEMBLE."""
+    choice_only: bool = False
+    """Exists for choice tasks only."""
+
+    def covers(self, mode: str) -> bool:
+        """Whether the method exists for a task of this scoring mode."""
+        return mode == "choice" or not self.choice_only
+
+
+RAW = Method("raw", "raw checkpoint", EVALUATE)
+"""The baseline: the checkpoint itself, window 1 only; every other method is computed for each window n > 1."""
+AVG = Method("avg", "weight averaging", EVALUATE)
+"""The model averaged over the window (built by rule average, then evaluated)."""
+VOTE = Method("vote", "majority vote", ENSEMBLE)
+PROB = Method("prob", "probability averaging", ENSEMBLE, choice_only=True)
+
+METHODS = (RAW, AVG, VOTE, PROB)
+"""In the order of tables, figures and the plan's series: raw first."""
+
+BY_NAME = {method.name: method for method in METHODS}
+STABILISERS = METHODS[1:]
+"""The methods the config's ``methods`` chooses from (workflow/schemas/config.schema.yaml lists the same)."""
+
+
+def produced_by(producer: str) -> list[Method]:
+    """The methods that EVALUATE or ENSEMBLE produces, in order."""
+    return [method for method in METHODS if method.produced_by == producer]
+
+
+def covered_tasks(method: str, tasks: dict[str, dict]) -> list[str]:
+    """The tasks (name -> {"mode": ...}) that a method exists for, in their order."""
+    return [name for name, task in tasks.items() if BY_NAME[method].covers(task["mode"])]

@@ -1,0 +1,76 @@
+"""The method registry and the output layout drive everything: the config schema, the plan, the ensembles, the
+command line, the report; and the --meta values keep their types."""
+
+import re
+
+import pytest
+import yaml
+
+from ckpt_stability import layout
+from ckpt_stability.cli import _meta, build_parser
+from ckpt_stability.ensemble import COMBINERS
+from ckpt_stability.errors import InputError
+from ckpt_stability.methods import BY_NAME, ENSEMBLE, EVALUATE, METHODS, RAW, STABILISERS, produced_by
+from ckpt_stability.plan import Plan
+from ckpt_stability.report import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
+from helpers import ROOT
+
+TASKS = {"c": {"category": "C", "mode": "choice"}, "g": {"category": "G", "mode": "generate"}}
+
+
+def test_the_config_schema_offers_exactly_the_registrys_methods():
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    methods = schema["properties"]["methods"]
+    assert methods["items"]["enum"] == methods["default"] == [method.name for method in STABILISERS]
+
+
+def test_raw_comes_first_and_every_method_is_produced_by_one_stage():
+    assert METHODS[0] is RAW and RAW not in STABILISERS
+    assert produced_by(EVALUATE) + produced_by(ENSEMBLE) == sorted(METHODS, key=lambda m: m.produced_by != EVALUATE)
+    assert len(BY_NAME) == len(METHODS)
+
+
+def test_the_plan_series_are_the_registrys_methods_in_order_on_the_tasks_they_cover():
+    plan = Plan(runs={"r": [10, 20, 30]}, windows=[1, 2], methods=[m.name for m in reversed(STABILISERS)], tasks=TASKS)
+    series = plan.series("r")
+    assert [method for method, *_ in series] == [method.name for method in METHODS]
+    for method, window, steps, tasks in series:
+        assert (window, steps) == ((1, [10, 20, 30]) if method == RAW.name else (2, [20, 30]))
+        assert tasks == [name for name, task in TASKS.items() if BY_NAME[method].covers(task["mode"])]
+
+
+def test_each_ensemble_method_has_its_function_and_its_command_line_option():
+    assert list(COMBINERS) == [method.name for method in produced_by(ENSEMBLE)]
+    args = build_parser().parse_args(["ensemble", "m1", "m2", "--tasks", "t", *(f"--{name}-dir=out-{name}"
+                                                                                 for name in COMBINERS)])
+    assert {name: getattr(args, f"{name}_dir") for name in COMBINERS} == {name: f"out-{name}" for name in COMBINERS}
+
+
+def test_the_report_draws_every_method():
+    assert list(METHOD_LABELS) == list(METHOD_COLORS) == [method.name for method in METHODS]
+    assert list(METHOD_STYLES) == [method.name for method in STABILISERS]
+
+
+def test_method_names_are_spelled_in_the_registry_only():
+    """Elsewhere, code asks the registry (methods.py); a docstring or comment may still name a method."""
+    files = [path for folder in ("src", "workflow") for path in (ROOT / folder).rglob("*")
+             if path.is_file() and path.suffix in {".py", ".smk", ".j2", ""} and "egg-info" not in str(path)
+             and path.name != "methods.py"] + [ROOT / "Snakefile"]
+    literals = re.compile("|".join(f"([\"']){re.escape(method.name)}\\1" for method in METHODS))
+    assert [str(path.relative_to(ROOT)) for path in files if literals.search(path.read_text(errors="replace"))] == []
+
+
+def test_layout_templates_serve_python_and_the_rules_alike(tmp_path):
+    assert layout.predictions(method="vote", task="t") == "results/predictions/{run}/vote{n}/step{step}/t.parquet"
+    plan = Plan(runs={"r": [10]}, windows=[1], methods=[], tasks=TASKS, predictions=str(tmp_path))
+    assert plan.path("r", RAW.name, 1, 10, "c") == tmp_path / "r" / "raw1" / "step10" / "c.parquet"
+    assert layout.fill(layout.AVERAGED, method="avg", n=2) == "results/averaged/{run}/avg2/step{step}"
+    assert layout.perplexity(run="r", method="avg", n=2, step=20) == "results/perplexity/r/avg2/step20.json"
+
+
+def test_meta_values_have_fixed_types():
+    meta = _meta(["run=2024", "method=avg", "window=2", "step=30", "members=20,30", "note=1.5"])
+    assert meta == {"run": "2024", "method": "avg", "window": 2, "step": 30, "members": [20, 30], "note": "1.5"}
+    assert _meta(["members=30"]) == {"members": [30]}
+    with pytest.raises(InputError, match="step must be an integer"):
+        _meta(["step=last"])
