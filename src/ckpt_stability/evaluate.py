@@ -32,7 +32,7 @@ from ckpt_stability.backends.base import Backend
 from ckpt_stability.atomic import write_text
 from ckpt_stability.errors import InputError
 from ckpt_stability.metrics import DEFAULT_STOP, extract_answer, score_examples
-from ckpt_stability.outcomes import EXCLUDED_KEY
+from ckpt_stability.outcomes import EXCLUDED_KEY, is_out_of_memory
 from ckpt_stability.predictions import Predictions, excluded_predictions, write_predictions
 from ckpt_stability.prompts import PromptTemplate, prompts_digest
 from ckpt_stability.tasks import TASK_OPTIONS, Task, load_task
@@ -62,7 +62,7 @@ class EvaluationSettings:
 
 def _out_of_memory_hint(error: BaseException, batch_size: int, model_dir: str, task: str) -> InputError | None:
     message = str(error)
-    if isinstance(error, MemoryError) or "out of memory" in message.lower() or "can't allocate" in message:
+    if is_out_of_memory(error):
         return InputError(f"{model_dir}: task {task}: the backend ran out of memory ({type(error).__name__}: "
                           f"{message.splitlines()[0]}); lower batch_size (now {batch_size}; the config key, or "
                           f"--batch-size of ckpt-stability evaluate), "

@@ -42,11 +42,18 @@ def check_not_excluded(model_dir: Path) -> None:
 TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EIO, errno.EDQUOT, errno.EINTR, errno.ESTALE})
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says the process or its GPU ran out of memory (torch raises a RuntimeError, or its
+    OutOfMemoryError subclass, whose message says so)."""
+    message = str(error)
+    return isinstance(error, MemoryError) or "out of memory" in message.lower() or "can't allocate" in message
+
+
 def loading_failure(error: Exception, model_dir: Path) -> UnusableCheckpoint | None:
     """The UnusableCheckpoint that a library's error while loading ``model_dir`` stands for, or None when the
     error is transient (out of memory, a full disk, an I/O error) and must fail the job."""
     message = str(error).splitlines()[0] if str(error) else ""
-    if isinstance(error, MemoryError) or "out of memory" in message.lower():
+    if is_out_of_memory(error):
         return None
     if isinstance(error, OSError) and error.errno in TRANSIENT_ERRNOS:
         return None
