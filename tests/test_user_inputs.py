@@ -198,3 +198,26 @@ def test_the_report_names_the_broken_step_and_tensor(diverged_run):
     section = section[:section.index("</div>")]
     assert "<td class=\"number\">40</td><td>raw1</td>" in section
     assert POISONED in section and "checkpoint-40/model.safetensors" in section
+
+
+def test_a_checkpoint_that_does_not_load_is_recorded_with_the_reason(tiny_model_dir, tmp_path):
+    """A model transformers cannot build (an unknown architecture) is an outcome with --record-unusable, as the
+    workflow runs it; without the flag it stays an error."""
+    from ckpt_stability.predictions import read_predictions
+    from helpers import JGLUE, cli
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "model_type": "no-such-architecture"}))
+    arguments = ["evaluate", "--model", broken, "--task", JGLUE / "jnli.json", "--num-fewshot", "1",
+                 "--max-samples", "2", "--backend", "transformers"]
+
+    refused = cli(*arguments, "--output-dir", tmp_path / "refused")
+    assert refused.returncode == 2 and "the model does not load" in refused.stderr, refused.stderr
+    assert not (tmp_path / "refused" / "jnli.parquet").exists()
+
+    recorded = cli(*arguments, "--output-dir", tmp_path / "recorded", "--record-unusable")
+    assert recorded.returncode == 0, recorded.stderr
+    predictions = read_predictions(tmp_path / "recorded" / "jnli.parquet")
+    assert predictions.excluded.startswith(f"{broken}: the model does not load") and predictions.prediction == []
