@@ -116,7 +116,8 @@ class ScoreSeries:
 
 
 def covered_tasks(plan: Plan, method: str, tasks: list[str]) -> list[str]:
-    return [task for task in tasks if registry.BY_NAME[method].covers(plan.tasks[task]["mode"])]
+    """Those of ``tasks`` (a subset of the plan's) that ``method`` exists for, as the registry says."""
+    return registry.covered_tasks(method, {task: plan.tasks[task] for task in tasks})
 
 
 def _read_raw_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
