@@ -27,14 +27,15 @@ names a tensor its shard lacks, a broken config.json, no tokenizer) are ``Unusab
 ``UnsupportedWeights`` is the subclass for a format that is not read.
 
 Nothing here imports torch: the workflow calls it while parsing the DAG, and averaging reads ``.bin``
-members without it. Only ``check_model_dir`` (before inference, which loads torch anyway) imports it,
-to check that ``torch.load(weights_only=True, mmap=True)``, which transformers uses, reads every
-``.bin`` file as this module does.
+members without it. Only the functions used before inference, which loads torch anyway, import it:
+``iter_tensors``, and ``check_model_dir``, to check that ``torch.load(weights_only=True, mmap=True)``,
+which transformers uses, reads every ``.bin`` file as this module does.
 """
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -241,6 +242,39 @@ def architecture(config: dict) -> dict:
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
                    "sentencepiece.bpe.model")
+DEFINITION_FILE_PATTERNS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab*", "merges.txt",
+                            "*.model", "*.tiktoken", "chat_template*", "generation_config.json")
+"""the files besides config.json that shape how a model answers (tokenizer, generation defaults); the
+training leftovers of a checkpoint directory (optimizer and trainer states) are not among them"""
+
+
+def model_identity(directory: str | Path) -> str:
+    """A digest of everything but the weights that makes a model answer as it does: its architecture
+    (config.json without names and versions) and its tokenizer and generation files. Two models with
+    the same identity differ only in their weights, so one loaded model can take the other's weights in
+    place (``Backend.swap_weights``)."""
+    directory = Path(directory)
+    digest = hashlib.sha256(json.dumps(architecture(read_config(directory)), sort_keys=True).encode())
+    names = sorted({path.name for pattern in DEFINITION_FILE_PATTERNS for path in directory.glob(pattern)
+                    if path.is_file()})
+    for name in names:
+        digest.update(f"\0{name}\0".encode())
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
+def iter_tensors(path: str | Path):
+    """(name, tensor) of every tensor of one weight file, one at a time where the format allows (torch)."""
+    import torch
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+    else:
+        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
 
 
 def check_model_dir(directory: str | Path) -> None:

@@ -76,52 +76,51 @@ def _average(args: argparse.Namespace) -> None:
         log.warning("%s: not built: %s", args.output, error)
 
 
+def _evaluation_job(args: argparse.Namespace):
+    from ckpt_stability.backends import BackendOptions
+    from ckpt_stability.evaluation_job import EvaluationJob, TaskFiles
+
+    task_files = None if args.settings else TaskFiles(
+        tuple(args.task), mode=args.mode, num_fewshot=args.num_fewshot, max_samples=args.max_samples,
+        few_shot_source=args.few_shot_source, add_special_tokens=not args.no_special_tokens)
+    return EvaluationJob(
+        model=args.model, output_dir=args.output_dir, settings=args.settings, task_files=task_files,
+        backend=BackendOptions(args.backend, args.dtype, args.batch_size, args.threads),
+        perplexity_text=args.perplexity_text, perplexity_output=args.perplexity_output,
+        record_unusable=args.record_unusable, meta=_meta(args.meta))
+
+
 def _evaluate(args: argparse.Namespace) -> None:
+    from ckpt_stability.backends import may_use_vllm
     from ckpt_stability.gpus import claim_gpu
 
-    claim_gpu()  # before anything initialises CUDA: one GPU per job on a multi-GPU machine
+    job = _evaluation_job(args)
+    gpu = claim_gpu()  # before anything initialises CUDA: one GPU per job on a multi-GPU machine
+    if args.engine and (args.engine_vllm or not may_use_vllm(args.backend)):
+        from ckpt_stability.engine import evaluate_in_engine
 
-    from ckpt_stability.backends import load_backend
-    from ckpt_stability.checkpoints import check_model_dir
-    from ckpt_stability.evaluate import EvaluationSettings, evaluate_model, measure_perplexity, record_excluded
-    from ckpt_stability.outcomes import check_finite, check_not_excluded, loading_failure
-    from ckpt_stability.tasks import load_task
-
-    if args.settings:
-        settings = EvaluationSettings.from_json(args.settings)
-    else:
-        settings = EvaluationSettings([
-            load_task(path, mode=args.mode, num_fewshot=args.num_fewshot, max_samples=args.max_samples,
-                      few_shot_source=args.few_shot_source)
-            for path in args.task
-        ], add_special_tokens=not args.no_special_tokens)
-    if bool(args.perplexity_text) != bool(args.perplexity_output):
-        raise InputError("--perplexity-text and --perplexity-output go together")
-    model = Path(args.model)
-    try:
-        check_not_excluded(model)
-        check_model_dir(model)
-        check_finite(model)
-        try:
-            backend = load_backend(args.backend, args.model, dtype=args.dtype, batch_size=args.batch_size,
-                                   threads=args.threads, add_special_tokens=settings.add_special_tokens)
-        except (InputError, KeyboardInterrupt):
-            raise
-        except Exception as error:
-            raise loading_failure(error, model) or error
-    except UnusableCheckpoint as error:
-        if not args.record_unusable:
-            raise
-        record_excluded(model, str(error), settings, args.output_dir,
-                        Path(args.perplexity_output) if args.perplexity_output else None, _meta(args.meta))
+        code = evaluate_in_engine(job, args.engine_idle_timeout, Path(args.engine_log_dir), gpu)
+        if code:
+            raise SystemExit(code)
         return
+
+    from ckpt_stability.backends import LoadedModel
+    from ckpt_stability.evaluation_job import run_job
+
+    loaded = LoadedModel()
     try:
-        evaluate_model(backend, args.model, settings, args.output_dir, provenance=_meta(args.meta))
-        if args.perplexity_text:
-            measure_perplexity(backend, args.model, Path(args.perplexity_text), Path(args.perplexity_output),
-                               provenance=_meta(args.meta))
+        run_job(job, loaded)
     finally:
-        backend.close()
+        loaded.close()
+
+
+def _engine(args: argparse.Namespace) -> None:
+    from ckpt_stability.engine import serve, stop_engines
+
+    if args.engine_command == "serve":
+        serve(Path(args.socket), Path(args.lock), args.idle_timeout)
+    else:
+        log.info("asked %d evaluation engine(s) to end", stop_engines())
 
 
 def _indicators(args: argparse.Namespace) -> None:
@@ -194,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from ckpt_stability.demo import MODEL_SIZES, DemoSettings
+    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT
     from ckpt_stability.tasks import FEW_SHOT_SOURCES
 
     defaults = DemoSettings()
@@ -263,7 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--record-unusable", action="store_true",
                           help="when the model is unusable (non-finite or broken weights, does not load), write "
                                "its outputs without results, holding the reason, and exit 0")
+    evaluate.add_argument("--engine", action="store_true",
+                          help="evaluate in the evaluation engine of this job's slot (started when none runs), "
+                               "which keeps the model loaded for the next job; not with vLLM unless "
+                               "--engine-vllm")
+    evaluate.add_argument("--engine-vllm", action="store_true", help="use the engine with the vllm backend too")
+    evaluate.add_argument("--engine-idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+                          help=f"an engine started by this job ends after this long without a job "
+                               f"(default {DEFAULT_IDLE_TIMEOUT:.0f})")
+    evaluate.add_argument("--engine-log-dir", default="logs/engine",
+                          help="where an engine started by this job writes its log (default logs/engine)")
     evaluate.set_defaults(handler=_evaluate)
+
+    engine = commands.add_parser("engine", help="the evaluation engines (started by `evaluate --engine`)")
+    engine_commands = engine.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
+    serve = engine_commands.add_parser("serve", help="run an engine (what `evaluate --engine` starts)")
+    serve.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    serve.add_argument("--lock", required=True, help="the slot's lock file, held by the job being served")
+    serve.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS")
+    engine_commands.add_parser("stop", help="end the engines serving jobs in the current directory")
+    engine.set_defaults(handler=_engine)
 
     ensemble = commands.add_parser("ensemble", help="combine the raw predictions of a window's checkpoints")
     ensemble.add_argument("members", nargs="+", metavar="PREDICTIONS_DIR",
@@ -318,11 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    from ckpt_stability.engine import LOG_DATE_FORMAT, LOG_FORMAT
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format=LOG_FORMAT,
+                        datefmt=LOG_DATE_FORMAT)
     try:
         args.handler(args)
     except InputError as error:

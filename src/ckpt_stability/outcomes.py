@@ -67,12 +67,12 @@ def check_finite(model_dir: Path) -> None:
     import torch
 
     from ckpt_stability.averaging import PROVENANCE_FILE
-    from ckpt_stability.checkpoints import weight_files
+    from ckpt_stability.checkpoints import iter_tensors, weight_files
 
     if (Path(model_dir) / PROVENANCE_FILE).is_file():
         return
     for path in weight_files(model_dir):
-        for name, tensor in _tensors(path):
+        for name, tensor in iter_tensors(path):
             if tensor.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
                 continue
             finite = torch.isfinite(tensor)
@@ -82,15 +82,3 @@ def check_finite(model_dir: Path) -> None:
                 raise UnusableCheckpoint(f"{path}: tensor {name!r} holds {value} at {position}: non-finite weights "
                                          f"(a diverged checkpoint)")
 
-
-def _tensors(path: Path):
-    """(name, tensor) of every tensor of one weight file, one at a time where the format allows."""
-    import torch
-    from safetensors import safe_open
-
-    if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as handle:
-            for name in handle.keys():
-                yield name, handle.get_tensor(name)
-    else:
-        yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()

@@ -28,6 +28,7 @@ from ckpt_stability.checkpoints import plan_run
 from ckpt_stability.config import check_unique_keys
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
 from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
+from ckpt_stability.engine import stop_engines
 from ckpt_stability.errors import InputError
 from ckpt_stability import layout
 from ckpt_stability.gpus import visible_gpus
@@ -237,6 +238,21 @@ def perplexity_options(wildcards, input, output):
     if not config.get("perplexity_text"):
         return ""
     return f"--perplexity-text {shlex.quote(input.heldout)} --perplexity-output {shlex.quote(output.perplexity)}"
+
+
+def engine_options():
+    """The evaluate command's options for the evaluation engine (config key engine)."""
+    engine = config["engine"]
+    if not engine["enabled"]:
+        return ""
+    return f"--engine --engine-idle-timeout {engine['idle_timeout']}" + " --engine-vllm" * engine["vllm"]
+
+
+def end_engines():
+    """End the evaluation engines of this workflow's jobs on this machine, once the workflow is done (on a
+    cluster, those of each Slurm job end with it)."""
+    if config["engine"]["enabled"]:
+        stop_engines()
 
 
 def perplexity_files():

@@ -1,7 +1,9 @@
 """Few-shot inference: results/predictions/{run}/{raw,avg}{n}/step{step}/{task}.parquet, and the model's
 perplexity on the held-out text (results/perplexity/{run}/{raw,avg}{n}/step{step}.json) when one is configured.
 
-One job per model evaluates every configured task, so each model is loaded once."""
+One job per model evaluates every configured task. With the engine on (config key engine), the job hands
+its model to the evaluation engine of its slot, which keeps the previous model loaded and swaps the weights
+in; engines end when idle, and when the workflow ends (below)."""
 
 
 localrules:
@@ -52,9 +54,19 @@ rule evaluate:
         backend=config["backend"],
         dtype=config["dtype"],
         batch_size=config["batch_size"],
+        engine=engine_options(),
     shell:
         "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
         " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
         " --batch-size {params.batch_size} --threads {threads} --record-unusable"
         " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
-        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity} > {log:q} 2>&1"
+        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity} {params.engine}"
+        " > {log:q} 2>&1"
+
+
+onsuccess:
+    end_engines()
+
+
+onerror:
+    end_engines()

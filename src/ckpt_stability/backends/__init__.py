@@ -1,15 +1,18 @@
 """Inference backends behind one interface (``base.Backend``), chosen by name.
 
 ``auto`` takes vLLM when it imports and a GPU is visible, and transformers otherwise. vLLM is imported
-only here, on demand, so that CPU installs never need it.
+only here, on demand, so that CPU installs never need it. ``LoadedModel`` keeps one backend loaded from
+one model to the next, swapping the weights in place where the models differ only in their weights.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import logging
+import time
+from dataclasses import dataclass
 
-from ckpt_stability.backends.base import Backend
+from ckpt_stability.backends.base import Backend, WeightsNotSwappable
 from ckpt_stability.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,26 @@ def resolve_backend(name: str) -> str:
     return "vllm"
 
 
+def may_use_vllm(name: str) -> bool:
+    """Whether ``name`` may resolve to vLLM here, told without importing torch or vLLM (``auto``: vLLM is
+    installed and a GPU is visible)."""
+    from ckpt_stability.gpus import visible_gpus
+
+    return name == "vllm" or (name == "auto" and importlib.util.find_spec("vllm") is not None
+                              and bool(visible_gpus()))
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """How a backend is built, besides the model: part of what a loaded backend must match to be reused."""
+
+    name: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 16
+    threads: int | None = None
+    add_special_tokens: bool = True
+
+
 def load_backend(name: str, model_dir: str, *, dtype: str = "auto", batch_size: int = 16,
                  threads: int | None = None, seed: int = 0, add_special_tokens: bool = True) -> Backend:
     resolved = resolve_backend(name)
@@ -67,3 +90,45 @@ def load_backend(name: str, model_dir: str, *, dtype: str = "auto", batch_size: 
 
     return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, threads=threads,
                                add_special_tokens=add_special_tokens)
+
+
+class LoadedModel:
+    """At most one loaded backend, reused from one model to the next.
+
+    ``load`` returns a backend answering as one freshly built on the model would: the loaded one when it
+    was built with the same options for a model of the same identity (``checkpoints.model_identity``:
+    architecture, tokenizer, generation files), with the new weights swapped in; else a new one, the old
+    one closed first (its memory is needed)."""
+
+    def __init__(self) -> None:
+        self.backend: Backend | None = None
+        self._key: tuple | None = None
+
+    def load(self, model_dir: str, options: BackendOptions) -> Backend:
+        from ckpt_stability.checkpoints import model_identity
+
+        key = (options, model_identity(model_dir))
+        started = time.perf_counter()
+        if self.backend is not None and key == self._key:
+            try:
+                self.backend.swap_weights(model_dir)
+                log.info("weights of %s swapped in (%.2f s)", model_dir, time.perf_counter() - started)
+                return self.backend
+            except WeightsNotSwappable as reason:
+                log.info("loading %s anew: %s", model_dir, reason)
+            except BaseException:  # a weight file that does not read, say: the loaded state is not trusted
+                self.close()
+                raise
+        self.close()
+        self.backend = load_backend(options.name, model_dir, dtype=options.dtype, batch_size=options.batch_size,
+                                    threads=options.threads, add_special_tokens=options.add_special_tokens)
+        self._key = key
+        log.info("%s loaded with the %s backend (%.1f s)", model_dir, self.backend.name,
+                 time.perf_counter() - started)
+        return self.backend
+
+    def close(self) -> None:
+        """Release the loaded backend, if any (after an error its state is not trusted any more)."""
+        if self.backend is not None:
+            backend, self.backend, self._key = self.backend, None, None
+            backend.close()

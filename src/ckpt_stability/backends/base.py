@@ -6,8 +6,15 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
+if TYPE_CHECKING:  # imported by the jobs that hand their work to an engine: no numpy there
+    import numpy as np
+
+
+class WeightsNotSwappable(Exception):
+    """A model's weights cannot replace the loaded ones in place exactly as a fresh load would set them
+    (see ``Backend.swap_weights``); the message says why, and the backend is built anew instead."""
 
 
 class Backend(ABC):
@@ -51,6 +58,13 @@ class Backend(ABC):
     @abstractmethod
     def provenance(self) -> dict:
         """What produced the outputs: backend, library versions, device, dtype."""
+
+    def swap_weights(self, model_dir: str) -> None:
+        """Take the weights of ``model_dir``, a model of the same identity as the loaded one (architecture,
+        tokenizer and generation files: ``checkpoints.model_identity``), in place of the loaded ones, so
+        that every later answer is bit-identical to that of a backend built on ``model_dir``. Raise
+        WeightsNotSwappable, before changing anything, where that cannot be guaranteed."""
+        raise WeightsNotSwappable(f"the {self.name} backend does not swap weights")
 
     def close(self) -> None:
         """Release the model (and the GPU)."""

@@ -16,7 +16,8 @@ from collections.abc import Iterator, Sequence
 import numpy as np
 import torch
 
-from ckpt_stability.backends.base import Backend, continuation_split, cut_at_stop, inference_dtype
+from ckpt_stability.backends.base import (Backend, WeightsNotSwappable, continuation_split, cut_at_stop,
+                                          inference_dtype)
 from ckpt_stability.errors import InputError
 
 
@@ -205,6 +206,42 @@ class TransformersBackend(Backend):
             total -= logprobs[valid].sum().item()
             count += int(valid.sum().item())
         return total, count
+
+    @torch.no_grad()
+    def swap_weights(self, model_dir: str) -> None:
+        """Copy the checkpoint's tensors into the loaded model's, converting to its dtype as loading does.
+
+        Tensors that share storage (tied embeddings) are one target, written from whichever of their names
+        the checkpoint holds. The swap is refused, and the model built anew, wherever a fresh load could
+        set the model differently: a target the checkpoint lacks (loading would initialise it), a tensor the
+        model lacks (loading would rename or drop it), a shape that differs, tied names with different
+        values."""
+        from ckpt_stability.checkpoints import iter_tensors, weight_files
+
+        loaded = {name: tensor for path in weight_files(model_dir) for name, tensor in iter_tensors(path)}
+        targets: dict[tuple, list[str]] = {}  # one entry per storage, with every name it goes by
+        state = self.model.state_dict()
+        for name, tensor in state.items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+            targets.setdefault(key, []).append(name)
+        unknown = sorted(loaded.keys() - state.keys())
+        if unknown:
+            raise WeightsNotSwappable(f"{model_dir} has {len(unknown)} tensor(s) the loaded model has not, e.g. "
+                                      f"{unknown[0]!r}")
+        sources = []
+        for names in targets.values():
+            present = [name for name in names if name in loaded]
+            if not present:
+                raise WeightsNotSwappable(f"{model_dir} has no {names[0]!r}")
+            source = loaded[present[0]]
+            if tuple(source.shape) != tuple(state[names[0]].shape):
+                raise WeightsNotSwappable(f"{model_dir}: {present[0]!r} has shape {tuple(source.shape)}, the loaded "
+                                          f"model {tuple(state[names[0]].shape)}")
+            if any(not torch.equal(source, loaded[name]) for name in present[1:]):
+                raise WeightsNotSwappable(f"{model_dir}: tied tensors {', '.join(present)} differ")
+            sources.append((state[names[0]], source))
+        for target, source in sources:
+            target.copy_(source)
 
     def provenance(self) -> dict:
         import transformers

@@ -1,0 +1,217 @@
+"""The evaluation engine: one process keeps a model loaded across jobs and swaps weights in place, with
+the same results as a cold process per model; it is private, ends when idle or with its workflow, and its
+crash fails only the job in flight."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ckpt_stability.backends.base import WeightsNotSwappable
+from ckpt_stability.backends.transformers import TransformersBackend
+from ckpt_stability.predictions import read_predictions
+from helpers import cli, cli_command, small_config, snakemake
+
+TASKS = ("demo_colors", "demo_arith")
+
+
+def evaluate_args(model, output, demo, *extra):
+    return ["evaluate", "--model", model, "--output-dir", output, "--threads", "1", "--num-fewshot", "2",
+            *[arg for task in TASKS for arg in ("--task", demo / "tasks" / f"{task}.json")],
+            "--perplexity-text", demo / "heldout.txt", "--perplexity-output", f"{output}.json", *extra]
+
+
+def engine_args(idle_timeout=30):
+    return ["--engine", "--engine-idle-timeout", str(idle_timeout)]
+
+
+def assert_same_results(first: Path, second: Path):
+    """The prediction files and the perplexity of two evaluations hold bitwise the same values."""
+    for task in TASKS:
+        a, b = read_predictions(first / f"{task}.parquet"), read_predictions(second / f"{task}.parquet")
+        assert a.prediction == b.prediction
+        np.testing.assert_array_equal(a.score, b.score)
+        if a.choice_logprobs is not None:
+            assert np.array_equal(np.asarray(a.choice_logprobs), np.asarray(b.choice_logprobs))
+    nll = [json.loads(Path(f"{directory}.json").read_text())["nll"] for directory in (first, second)]
+    assert nll[0] == nll[1]
+
+
+def engine_pids(log: str) -> list[int]:
+    return [int(pid) for pid in re.findall(r"started evaluation engine (\d+)", log)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1]
+    except FileNotFoundError:
+        return False
+    return not state.startswith("Z")  # an engine's parent has exited: a zombie waits for init to reap it
+
+
+def ended(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_demo, tmp_path_factory) -> list[Path]:
+    """Raw and averaged models of one run, in an order that swaps both ways."""
+    checkpoints = tiny_demo / "checkpoints"
+    averaged = tmp_path_factory.mktemp("averaged") / "avg2-step40"
+    result = cli("average", "--output", averaged, checkpoints / "checkpoint-30", checkpoints / "checkpoint-40")
+    assert result.returncode == 0, result.stderr
+    return [checkpoints / "checkpoint-10", averaged, checkpoints / "checkpoint-20", checkpoints / "checkpoint-40"]
+
+
+def test_a_swapped_engine_gives_bitwise_the_results_of_a_cold_process(models, tiny_demo, tiny_model_dir, tmp_path):
+    # the last model has another architecture and tokenizer: the engine builds it anew
+    sequence = [*models, tiny_model_dir]
+    logs = []
+    for number, model in enumerate(sequence):
+        cold = cli(*evaluate_args(model, tmp_path / f"cold{number}", tiny_demo), cwd=tmp_path)
+        assert cold.returncode == 0, cold.stderr
+        warm = cli(*evaluate_args(model, tmp_path / f"engine{number}", tiny_demo), *engine_args(), cwd=tmp_path)
+        assert warm.returncode == 0, warm.stderr
+        logs.append(warm.stderr)
+        assert_same_results(tmp_path / f"cold{number}", tmp_path / f"engine{number}")
+    assert len(engine_pids("".join(logs))) == 1
+    assert "loaded with the transformers backend" in logs[0]
+    assert all("swapped in" in log for log in logs[1:4]), logs
+    assert "loaded with the transformers backend" in logs[4] and "swapped in" not in logs[4]
+    # each job's log holds its own model's lines
+    assert all(f"{sequence[n]}" in log and "demo_colors: exact_match" in log for n, log in enumerate(logs))
+    cli("engine", "stop", cwd=tmp_path)
+
+
+def test_a_swap_sets_every_weight_and_refuses_a_checkpoint_missing_one(models, tmp_path):
+    backend = TransformersBackend(str(models[0]), threads=1)
+    backend.swap_weights(str(models[1]))
+    fresh = TransformersBackend(str(models[1]), threads=1)
+    swapped_state, fresh_state = backend.model.state_dict(), fresh.model.state_dict()
+    assert swapped_state.keys() == fresh_state.keys()
+    assert all(torch.equal(swapped_state[name], fresh_state[name]) for name in fresh_state)
+
+    # a checkpoint that lacks a layer: a fresh load would initialise it, a swap would keep the old one
+    lacking = tmp_path / "lacking"
+    lacking.mkdir()
+    for path in models[2].iterdir():
+        if path.name != "model.safetensors":
+            (lacking / path.name).write_bytes(path.read_bytes())
+    tensors = load_file(models[2] / "model.safetensors")
+    missing = next(name for name in tensors if "layers.1.mlp" in name)
+    save_file({name: tensor for name, tensor in tensors.items() if name != missing}, lacking / "model.safetensors",
+              metadata={"format": "pt"})
+    before = {name: tensor.clone() for name, tensor in backend.model.state_dict().items()}
+    with pytest.raises(WeightsNotSwappable, match=re.escape(missing)):
+        backend.swap_weights(str(lacking))
+    assert all(torch.equal(before[name], tensor) for name, tensor in backend.model.state_dict().items())
+
+
+def test_a_killed_engine_fails_only_the_job_in_flight(models, tiny_demo, tmp_path):
+    first = cli(*evaluate_args(models[0], tmp_path / "first", tiny_demo), *engine_args(), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    (pid,) = engine_pids(first.stderr)
+    long_text = tmp_path / "long.txt"  # a job that lasts long enough to be killed in the middle
+    long_text.write_text((tiny_demo / "heldout.txt").read_text() * 40)
+    args = evaluate_args(models[1], tmp_path / "second", tiny_demo)
+    args[args.index("--perplexity-text") + 1] = long_text
+    job = subprocess.Popen(cli_command(*args, *engine_args()), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in job.stderr:
+        if re.search(rf"evaluation engine {pid} \(slot \w+\): job 2", line):
+            os.kill(pid, signal.SIGKILL)
+            break
+    assert job.wait(timeout=60) == 1
+    assert "ended while evaluating" in job.stderr.read()
+    rerun = cli(*args, *engine_args(), cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert len(engine_pids(rerun.stderr)) == 1 and engine_pids(rerun.stderr) != [pid]
+    cli("engine", "stop", cwd=tmp_path)
+
+
+def test_a_killed_job_leaves_nothing_behind_and_the_engine_serves_the_next(models, tiny_demo, tmp_path):
+    first = cli(*evaluate_args(models[0], tmp_path / "first", tiny_demo), *engine_args(), cwd=tmp_path)
+    (pid,) = engine_pids(first.stderr)
+    job = subprocess.Popen(cli_command(*evaluate_args(models[1], tmp_path / "killed", tiny_demo), *engine_args()),
+                           cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    for line in job.stderr:
+        if "job 2" in line:
+            job.kill()
+            break
+    job.wait()
+    engine_log = next((tmp_path / "logs" / "engine").iterdir())
+    deadline = time.monotonic() + 60
+    while "is gone" not in engine_log.read_text() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "is gone; its outputs were deleted" in engine_log.read_text()
+    assert not list((tmp_path / "killed").glob("*.parquet")) and not (tmp_path / "killed.json").exists()
+    following = cli(*evaluate_args(models[2], tmp_path / "following", tiny_demo), *engine_args(), cwd=tmp_path)
+    assert following.returncode == 0, following.stderr
+    assert not engine_pids(following.stderr) and alive(pid)
+    cli("engine", "stop", cwd=tmp_path)
+
+
+def test_an_idle_engine_ends_and_its_socket_is_private(models, tiny_demo, tmp_path):
+    result = cli(*evaluate_args(models[0], tmp_path / "out", tiny_demo), *engine_args(idle_timeout=1), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    (pid,) = engine_pids(result.stderr)
+    engine_log = next((tmp_path / "logs" / "engine").iterdir()).read_text()
+    socket_path = Path(re.search(r"listening on (\S+)", engine_log).group(1))
+    for directory in (socket_path.parent, socket_path.parent.parent):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert ended(pid) and not socket_path.exists()
+    assert "idle for 1 s: ending" in next((tmp_path / "logs" / "engine").iterdir()).read_text()
+
+
+def test_a_directory_others_may_enter_is_refused(models, tiny_demo, tmp_path):
+    temporary = Path(tempfile.mkdtemp(prefix="t", dir="/tmp"))  # short enough a path for a socket in it
+    shared = temporary / f"ckpt-stability-{os.getuid()}"
+    shared.mkdir(mode=0o755)
+    shared.chmod(0o755)
+    environment = {key: value for key, value in os.environ.items() if key != "XDG_RUNTIME_DIR"}
+    try:
+        result = cli(*evaluate_args(models[0], tmp_path / "out", tiny_demo), *engine_args(), cwd=tmp_path,
+                     env={**environment, "TMPDIR": str(temporary)})
+    finally:
+        shutil.rmtree(temporary)
+    assert result.returncode == 2
+    assert f"{shared}: the evaluation engines' directory must be a directory of yours that only you may enter" \
+           in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_workflow_gives_the_same_results_with_and_without_engines(tiny_demo, tmp_path):
+    scores = {}
+    for enabled in (True, False):
+        workdir = tmp_path / f"engine-{enabled}"
+        workdir.mkdir()
+        config = {**small_config(tiny_demo / "checkpoints", tiny_demo / "tasks"), "engine": {"enabled": enabled}}
+        (workdir / "config.yaml").write_text(yaml.safe_dump(config))
+        result = snakemake(workdir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        scores[enabled] = pd.read_parquet(workdir / "results" / "scores.parquet")
+        evaluation_logs = "".join(path.read_text() for path in (workdir / "logs" / "evaluate").rglob("*.log"))
+        started = engine_pids(evaluation_logs)
+        if enabled:
+            # one engine per concurrent job (2 cores), each serving several of the 7 models
+            assert 1 <= len(started) <= 2 and evaluation_logs.count("swapped in") == 7 - len(started)
+            # the workflow's end ends them
+            assert all(ended(pid, seconds=10) for pid in started)
+        else:
+            assert not started and "swapped in" not in evaluation_logs
+    pd.testing.assert_frame_equal(scores[True], scores[False])
