@@ -1,14 +1,22 @@
-"""The vLLM backend against the transformers backend, on a GPU: agreement and throughput.
+"""The vLLM backend on a GPU: against transformers, and with weights swapped into one engine against a
+fresh engine per checkpoint.
 
-For each given checkpoint (by default the demo's last five) and each task (by default the demo's four),
-both backends evaluate the same prompts in one process each, on the same GPU. Prints, per backend, the
-wall time of model loading and of inference and the throughput (examples/s), then the share of
-identical predictions (goal: >= 99%) and the statistics of |Δ log-likelihood| between the backends
-over every (example, choice) of the choice tasks. Needs a GPU machine with the GPU environment
-(envs/gpu.yaml, or `pip install -e ".[vllm]"`).
+For the given checkpoints (by default the demo's last five) and tasks (by default the demo's four), runs
+three evaluations of every checkpoint on the same GPU:
+
+* ``transformers``: a fresh process per checkpoint;
+* ``vllm fresh``: a fresh process, and so a fresh vLLM engine, per checkpoint;
+* ``vllm swapped``: one process whose engine loads the first checkpoint and swaps the weights of each next
+  one in (``LoadedModel``, as the evaluation engine does: ``collective_rpc("reload_weights")``, prefix
+  cache reset, checksums checked).
+
+Prints each one's model set-up time (engine start or weight swap) and inference time, then the agreement:
+swapped against fresh vLLM (goal: identical predictions, |Δ log-likelihood| 0 or at the level of GPU
+non-determinism) and vLLM against transformers (goal: >= 99% identical predictions). Needs a GPU machine
+with the GPU environment (envs/gpu.yaml, or `pip install -e ".[vllm]"`).
 
     python benchmarks/bench_vllm.py
-    python benchmarks/bench_vllm.py --dtype float32 --checkpoints results/demo/base/checkpoint-480
+    python benchmarks/bench_vllm.py --dtype float32 --checkpoints results/demo/base/checkpoint-4{16,32,48,64,80}
 """
 
 from __future__ import annotations
@@ -18,36 +26,58 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-RUN_ONE = """
+RUN_SEQUENCE = """
 import json, sys, time
-from pathlib import Path
-started = time.perf_counter()
-from ckpt_stability.backends import load_backend
+from ckpt_stability.backends import BackendOptions, LoadedModel
 from ckpt_stability.evaluate import EvaluationSettings, evaluate_model
 from ckpt_stability.tasks import load_task
-backend_name, model, output, dtype, tasks = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5:]
-backend = load_backend(backend_name, model, dtype=dtype, batch_size=64)
-loaded = time.perf_counter()
+backend, dtype, output, tasks, models = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4].split(","), sys.argv[5:]
 settings = EvaluationSettings([load_task(task, num_fewshot=4) for task in tasks])
-evaluate_model(backend, model, settings, output)
-done = time.perf_counter()
-print(json.dumps({"load": loaded - started, "inference": done - loaded}))
+loaded, timings = LoadedModel(), []
+for number, model in enumerate(models):
+    started = time.perf_counter()
+    engine = loaded.load(model, BackendOptions(backend, dtype, batch_size=64))
+    ready = time.perf_counter()
+    evaluate_model(engine, model, settings, f"{output}/{number}")
+    timings.append({"setup": ready - started, "inference": time.perf_counter() - ready})
+loaded.close()
+print(json.dumps(timings))
 """
 
 
-def run(backend: str, model: Path, output: Path, dtype: str, tasks: list[Path]) -> dict:
-    result = subprocess.run([sys.executable, "-c", RUN_ONE, backend, str(model), str(output), dtype,
-                             *map(str, tasks)], capture_output=True, text=True)
+def run(backend: str, models: list[Path], output: Path, dtype: str, tasks: list[Path]) -> list[dict]:
+    """Evaluate ``models`` one after the other in one process; the set-up and inference time of each."""
+    result = subprocess.run([sys.executable, "-c", RUN_SEQUENCE, backend, dtype, str(output),
+                             ",".join(map(str, tasks)), *map(str, models)], capture_output=True, text=True)
     if result.returncode != 0:
-        sys.exit(f"{backend} on {model} failed:\n{result.stderr[-4000:]}")
+        sys.exit(f"{backend} on {', '.join(map(str, models))} failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def agreement(first: Path, second: Path, count: int, tasks: list[Path]) -> str:
+    from ckpt_stability.predictions import read_predictions
+
+    same = total = 0
+    differences = []
+    for number in range(count):
+        for task in tasks:
+            a, b = (read_predictions(root / str(number) / f"{task.stem}.parquet") for root in (first, second))
+            same += sum(x == y for x, y in zip(a.prediction, b.prediction))
+            total += len(a.prediction)
+            if a.choice_logprobs is not None:
+                differences.append(np.abs(np.asarray(a.choice_logprobs) - np.asarray(b.choice_logprobs)).ravel())
+    text = f"identical predictions {same}/{total} = {same / total:.2%}"
+    if differences:
+        delta = np.concatenate(differences)
+        text += (f"; |Δ log-likelihood| over {delta.size} (example, choice) pairs: mean {delta.mean():.2e}, "
+                 f"p99 {np.quantile(delta, 0.99):.2e}, max {delta.max():.2e}, exactly equal {np.mean(delta == 0):.2%}")
+    return text
 
 
 def main() -> None:
@@ -61,36 +91,26 @@ def main() -> None:
     if not args.checkpoints or not args.tasks:
         sys.exit("no checkpoints or tasks: run the demo first (snakemake), or pass --checkpoints and --tasks")
 
-    from ckpt_stability.predictions import read_predictions
-
-    times = {"transformers": {"load": 0.0, "inference": 0.0}, "vllm": {"load": 0.0, "inference": 0.0}}
-    same = total = 0
-    differences = []
+    count = len(args.checkpoints)
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
-        for checkpoint in args.checkpoints:
-            for backend in times:
-                timing = run(backend, checkpoint, Path(tmp) / backend / checkpoint.name, args.dtype, args.tasks)
-                for key in timing:
-                    times[backend][key] += timing[key]
-            for task in args.tasks:
-                hf, vl = (read_predictions(Path(tmp) / backend / checkpoint.name / f"{task.stem}.parquet")
-                          for backend in ("transformers", "vllm"))
-                same += sum(a == b for a, b in zip(hf.prediction, vl.prediction))
-                total += len(hf.prediction)
-                if hf.choice_logprobs is not None:
-                    differences.append(np.abs(hf.choice_logprobs - vl.choice_logprobs).ravel())
-    examples = total  # both backends saw every example
-    print(f"{len(args.checkpoints)} checkpoints x {len(args.tasks)} tasks = {examples} examples per backend, "
-          f"dtype {args.dtype}")
-    print(f"{'backend':<14}{'load s':>9}{'inference s':>13}{'examples/s':>12}")
-    for backend, timing in times.items():
-        print(f"{backend:<14}{timing['load']:9.1f}{timing['inference']:13.1f}"
-              f"{examples / timing['inference']:12.1f}")
-    print(f"identical predictions: {same}/{total} = {same / total:.2%}   (goal: >= 99%)")
-    if differences:
-        delta = np.concatenate(differences)
-        print(f"|Δ log-likelihood| over {delta.size} (example, choice) pairs: mean {delta.mean():.2e}, "
-              f"median {np.median(delta):.2e}, p99 {np.quantile(delta, 0.99):.2e}, max {delta.max():.2e}")
+        root = Path(tmp)
+        timings = {}
+        for label, backend in (("transformers", "transformers"), ("vllm fresh", "vllm")):
+            timings[label] = []
+            for number, checkpoint in enumerate(args.checkpoints):
+                (timing,) = run(backend, [checkpoint], root / label / "single", args.dtype, args.tasks)
+                (root / label / "single" / "0").rename(root / label / str(number))
+                timings[label].append(timing)
+        timings["vllm swapped"] = run("vllm", args.checkpoints, root / "vllm swapped", args.dtype, args.tasks)
+
+        print(f"{count} checkpoints x {len(args.tasks)} tasks, dtype {args.dtype}")
+        print(f"{'':<14}{'first set-up s':>16}{'later set-ups s (mean)':>24}{'inference s (mean)':>20}")
+        for label, models in timings.items():
+            later = [timing["setup"] for timing in models[1:]] or [float("nan")]
+            print(f"{label:<14}{models[0]['setup']:16.1f}{np.mean(later):24.2f}"
+                  f"{np.mean([timing['inference'] for timing in models]):20.2f}")
+        print("vllm swapped vs vllm fresh:", agreement(root / "vllm swapped", root / "vllm fresh", count, args.tasks))
+        print("vllm fresh vs transformers:", agreement(root / "vllm fresh", root / "transformers", count, args.tasks))
 
 
 if __name__ == "__main__":

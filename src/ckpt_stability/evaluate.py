@@ -172,10 +172,12 @@ def measure_perplexity(backend: Backend, model_dir: str, text_path: Path, output
         raise InputError(f"{text_path}: cannot read the held-out text ({error})") from None
     if not text.strip():
         raise InputError(f"{text_path}: the held-out text is empty")
+    started = time.perf_counter()
     nll, tokens = backend.token_nll([text])
     result = {**(provenance or {}), "model_path": str(model_dir), "text": str(text_path), "tokens": tokens,
               "nll": nll, "perplexity": math.exp(nll / tokens), "inverse_perplexity": math.exp(-nll / tokens),
               "backend": backend.provenance()}
     write_text(output, json.dumps(result, indent=1) + "\n")
-    log.info("perplexity %.4f over %d tokens of %s", result["perplexity"], tokens, text_path)
+    log.info("perplexity %.4f over %d tokens of %s (%.1f s)", result["perplexity"], tokens, text_path,
+             time.perf_counter() - started)
     return result["perplexity"]

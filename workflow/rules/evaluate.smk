@@ -46,6 +46,8 @@ rule evaluate:
     threads: 1
     resources:
         gpu=1 if INFERENCE_ON_GPU else 0,
+        # the job's model goes through one evaluation engine (profiles/slurm: one per Slurm job)
+        engine=1,
     params:
         # the members of an averaged model: a change of membership re-evaluates it
         members=window_steps,

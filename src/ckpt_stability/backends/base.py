@@ -63,7 +63,7 @@ class Backend(ABC):
         """Take the weights of ``model_dir``, a model of the same identity as the loaded one (architecture,
         tokenizer and generation files: ``checkpoints.model_identity``), in place of the loaded ones, so
         that every later answer is bit-identical to that of a backend built on ``model_dir``. Raise
-        WeightsNotSwappable, before changing anything, where that cannot be guaranteed."""
+        WeightsNotSwappable where that cannot be guaranteed: the backend is then closed and built anew."""
         raise WeightsNotSwappable(f"the {self.name} backend does not swap weights")
 
     def close(self) -> None:

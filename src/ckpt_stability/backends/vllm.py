@@ -9,6 +9,9 @@
 * The torch.compile cache is shared by all checkpoints of one architecture: vLLM keys its cache by the
   model path among others, so every checkpoint would compile anew; here the directory is keyed by the
   architecture (config.json without paths), the dtype and the library versions instead.
+* ``swap_weights`` reloads another checkpoint into the running engine with vLLM's supported API
+  (``collective_rpc("reload_weights")``, in place: CUDA graphs and compiled code stay valid), then resets
+  the prefix cache, which would otherwise serve keys and values computed with the old weights.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ckpt_stability.backends.base import Backend, continuation_split, cut_at_stop, inference_dtype
-from ckpt_stability.checkpoints import architecture, read_config
+from ckpt_stability.backends.base import (Backend, WeightsNotSwappable, continuation_split, cut_at_stop,
+                                          inference_dtype)
+from ckpt_stability.checkpoints import architecture, iter_tensors, read_checkpoint_headers, read_config, weight_files
 
 def compile_cache_dir(model_dir: str, dtype: str) -> Path:
     import torch
@@ -32,6 +36,20 @@ def compile_cache_dir(model_dir: str, dtype: str) -> Path:
                      sort_keys=True)
     root = Path(os.environ.get("VLLM_CACHE_ROOT", Path.home() / ".cache" / "vllm"))
     return root / "ckpt-stability-compile" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def tensor_table(model_dir: str) -> dict[str, tuple]:
+    """name -> (dtype, shape) of every tensor of a checkpoint, from its files' headers."""
+    return {name: (entry.dtype, tuple(entry.shape)) for name, (_, entry) in read_checkpoint_headers(model_dir).items()}
+
+
+def _tensors_under(model_dir: str, module: str) -> dict[str, bytes]:
+    """The bytes of the checkpoint's tensors of one module (``model.layers.3.self_attn``)."""
+    import torch
+
+    return {name: tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
+            for path in weight_files(model_dir) for name, tensor in iter_tensors(path)
+            if name.startswith(module + ".")}
 
 
 class VllmBackend(Backend):
@@ -54,6 +72,37 @@ class VllmBackend(Backend):
         self.add_special_tokens = add_special_tokens
         # vLLM refuses a prompt of max_model_len tokens: a prompt and at least one output token must fit
         self.context_length = self.llm.llm_engine.model_config.max_model_len - 1
+        self.model_dir = model_dir
+        self._tensor_table = tensor_table(model_dir)
+
+    def _checksums(self) -> dict[str, str]:
+        """SHA-256 of every parameter on the GPU, by vLLM's name (its fused qkv_proj, gate_up_proj)."""
+        (checksums,) = self.llm.collective_rpc("compute_weight_checksums")  # one worker: no tensor parallelism
+        return {name.rsplit(":", 1)[-1]: digest for name, digest in checksums.items()}
+
+    def swap_weights(self, model_dir: str) -> None:
+        """Reload ``model_dir`` into the running engine. vLLM only logs a layer the new checkpoint lacks and
+        leaves its old weights in place, so the checkpoint must hold the same tensors as the loaded one
+        (names, dtypes, shapes); after the reload, a parameter whose bytes did not change is accepted only
+        where the checkpoints' tensors of its module are equal too."""
+        table = tensor_table(model_dir)
+        if table != self._tensor_table:
+            differing = sorted(set(table.items()) ^ set(self._tensor_table.items()))
+            raise WeightsNotSwappable(f"{model_dir} does not hold the same tensors as {self.model_dir} "
+                                      f"(e.g. {differing[0][0]!r})")
+        try:
+            before = self._checksums()
+        except Exception as error:  # e.g. an older vLLM without it: nothing changed yet
+            raise WeightsNotSwappable(f"vLLM cannot checksum its weights ({type(error).__name__}: {error})") from None
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
+        if not self.llm.reset_prefix_cache():
+            raise WeightsNotSwappable("vLLM did not reset its prefix cache after the reload")
+        kept = sorted(name for name, digest in self._checksums().items() if before.get(name) == digest)
+        for module in sorted({name.rsplit(".", 2)[0] for name in kept}):
+            if _tensors_under(model_dir, module) != _tensors_under(self.model_dir, module):
+                raise WeightsNotSwappable(f"{module} kept the weights of {self.model_dir} after the reload of "
+                                          f"{model_dir}")
+        self.model_dir = model_dir
 
     def _params(self, **options):
         from vllm import SamplingParams
