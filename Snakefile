@@ -1,21 +1,21 @@
 # Checkpoint stability workflow: see README.md. This file only wires the stages together.
 
-from snakemake.exceptions import WorkflowError
-from snakemake.utils import min_version, validate
+import os
+import sys
+
+from snakemake.utils import min_version
 
 min_version("9.0")
 
+# Jobs run the package that ships with this workflow (``python -m ckpt_stability`` is the
+# ``ckpt-stability`` command), whether or not it is installed: its source goes on the path of this
+# process and, through the environment, of every job (local, cluster, or in a conda env).
+SOURCE = os.path.join(workflow.basedir, "src")
+sys.path.insert(0, SOURCE)
+os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")])))
+
 
 configfile: "config/config.yaml"
-
-
-try:
-    validate(config, "workflow/schemas/config.schema.yaml")
-except WorkflowError as error:  # name the file and the key that hold the mistake
-    mistake = error.__context__  # the jsonschema ValidationError it was raised from
-    files = workflow.overwrite_configfiles or workflow.configfiles  # --configfile replaces the default
-    key = mistake.json_path.removeprefix("$").removeprefix(".") or "top level"
-    raise WorkflowError(f"Invalid config in {', '.join(map(str, files))}: {key}: {mistake.message}") from None
 
 
 include: "workflow/rules/common.smk"

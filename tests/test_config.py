@@ -26,10 +26,10 @@ def refusal(config) -> str:
 
 
 def test_default_config_is_valid_and_defaults_are_filled(config):
-    del config["final_fraction"], config["methods"]
+    del config["final_fraction"], config["engine"]
     validate(config, SCHEMA)
     assert config["final_fraction"] == 0.2
-    assert config["methods"] == ["avg", "vote", "prob"]
+    assert config["engine"] == {"enabled": True, "vllm": False, "idle_timeout": 60}
     assert config["tasks"]["demo_nli"]["max_samples"] is None
 
 

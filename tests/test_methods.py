@@ -13,15 +13,27 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.methods import BY_NAME, ENSEMBLE, EVALUATE, METHODS, RAW, STABILISERS, produced_by
 from ckpt_stability.plan import Plan
 from ckpt_stability.report import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
-from helpers import ROOT
+from helpers import ROOT, snakemake
 
 TASKS = {"c": {"category": "C", "mode": "choice"}, "g": {"category": "G", "mode": "generate"}}
 
 
-def test_the_config_schema_offers_exactly_the_registrys_methods():
+def test_the_config_offers_exactly_the_registrys_methods(tmp_path):
+    """The schema leaves the methods to the registry: the workflow takes all of them by default and refuses
+    any other name, naming the file and the key."""
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
-    methods = schema["properties"]["methods"]
-    assert methods["items"]["enum"] == methods["default"] == [method.name for method in STABILISERS]
+    assert "enum" not in schema["properties"]["methods"]["items"]
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    del config["methods"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    dry_run = snakemake(tmp_path, "--dry-run", "--quiet", "rules")
+    assert dry_run.returncode == 0, dry_run.stderr
+    assert all(re.search(rf"^{rule}\s", dry_run.stdout, re.M) for rule in ("average", "ensemble"))
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({**config, "methods": ["avg", "ema"]}))
+    refused = snakemake(tmp_path, "--dry-run")
+    assert refused.returncode != 0
+    assert f"Invalid config in {tmp_path / 'config.yaml'}: methods: 'ema' is not one of " \
+           f"{[method.name for method in STABILISERS]}" in refused.stdout + refused.stderr
 
 
 def test_raw_comes_first_and_every_method_is_produced_by_one_stage():
@@ -46,9 +58,11 @@ def test_each_ensemble_method_has_its_function_and_its_command_line_option():
     assert {name: getattr(args, f"{name}_dir") for name in COMBINERS} == {name: f"out-{name}" for name in COMBINERS}
 
 
-def test_the_report_draws_every_method():
-    assert list(METHOD_LABELS) == list(METHOD_COLORS) == [method.name for method in METHODS]
-    assert list(METHOD_STYLES) == [method.name for method in STABILISERS]
+def test_the_report_tells_every_method_apart():
+    assert list(METHOD_LABELS) == list(METHOD_COLORS) == list(METHOD_STYLES) == [method.name for method in METHODS]
+    assert len(set(METHOD_COLORS.values())) == len(METHODS)
+    assert len({(style["marker"], style["ls"]) for name, style in METHOD_STYLES.items() if name != RAW.name}) \
+        == len(STABILISERS)
 
 
 def test_method_names_are_spelled_in_the_registry_only():

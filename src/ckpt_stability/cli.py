@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ckpt_stability import __version__
-from ckpt_stability.errors import InputError, UnusableCheckpoint
+from ckpt_stability.errors import InputError, UnusableCheckpoint, reported
 from ckpt_stability.methods import ENSEMBLE, produced_by
 
 log = logging.getLogger("ckpt_stability")
@@ -115,10 +115,10 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _engine(args: argparse.Namespace) -> None:
-    from ckpt_stability.engine import serve, stop_engines
+    from ckpt_stability.engine import Engine, stop_engines
 
     if args.engine_command == "serve":
-        serve(Path(args.socket), Path(args.lock), args.idle_timeout)
+        Engine(Path(args.socket), Path(args.lock), args.idle_timeout).serve()
     else:
         log.info("asked %d evaluation engine(s) to end", stop_engines())
 
@@ -343,11 +343,8 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt=LOG_DATE_FORMAT)
     try:
         args.handler(args)
-    except InputError as error:
-        print(f"ckpt-stability {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except OSError as error:  # a full disk, a vanished file: the path and the reason, no traceback
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"ckpt-stability {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
-        return 1
+    except (InputError, OSError) as error:
+        code, message = reported(error)
+        print(f"ckpt-stability {args.command}: error: {message}", file=sys.stderr)
+        return code
     return 0

@@ -39,7 +39,7 @@ import time
 import traceback
 from pathlib import Path
 
-from ckpt_stability.errors import InputError
+from ckpt_stability.errors import InputError, reported
 from ckpt_stability.evaluation_job import EvaluationJob
 
 log = logging.getLogger(__name__)
@@ -275,17 +275,14 @@ class _Relay(logging.Handler):
 
 
 def _job_outcome(job: EvaluationJob, loaded) -> tuple[int, str | None]:
-    """Run the job; its exit code and error message, as ``cli.main`` would give them."""
+    """Run the job; its exit status and error message, as its own process would report them."""
     from ckpt_stability.evaluation_job import run_job
 
     try:
         run_job(job, loaded)
         return 0, None
-    except InputError as error:
-        return 2, str(error)
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        return 1, f"{where}{error.strerror or error}"
+    except (InputError, OSError) as error:
+        return reported(error)
     except Exception as error:  # a bug, or out of memory: the loaded model is not trusted any more
         loaded.close()
         return 1, "".join(traceback.format_exception(error)).rstrip()
@@ -301,77 +298,82 @@ def _forget_outputs(job: EvaluationJob) -> None:
             path.unlink(missing_ok=True)
 
 
-def _serve_one(connection: socket.socket, loaded, state: dict) -> bool:
-    """Answer one request; False when asked to stop."""
-    stream = connection.makefile("rwb")
-    try:
-        request = _receive(stream)
-        if request is None:
+class Engine:
+    """The engine's side: listens on its slot's socket and runs the jobs sent there, one at a time."""
+
+    def __init__(self, socket_path: Path, lock_path: Path, idle_timeout: float):
+        from ckpt_stability.backends import LoadedModel
+
+        self.socket_path, self.lock_path, self.idle_timeout = socket_path, lock_path, idle_timeout
+        self.loaded = LoadedModel()
+        self.served = 0
+
+    def serve(self) -> None:
+        """Run jobs until idle for ``idle_timeout`` seconds (and no job holds the slot's lock) or asked to
+        stop."""
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        listener.listen(4)
+        listener.settimeout(self.idle_timeout)
+        log.info("engine %d listening on %s (idle timeout %.0f s)", os.getpid(), self.socket_path,
+                 self.idle_timeout)
+        try:
+            while True:
+                try:
+                    connection, _ = listener.accept()
+                except TimeoutError:
+                    lock_fd = _lock(self.lock_path, wait=False)
+                    if lock_fd is None:
+                        continue  # a job holds the slot: it is about to connect
+                    self.socket_path.unlink(missing_ok=True)  # holding the lock: no job can be on its way
+                    os.close(lock_fd)
+                    log.info("idle for %.0f s: ending", self.idle_timeout)
+                    break
+                connection.settimeout(None)
+                if not self._answer(connection):
+                    log.info("asked to stop: ending")
+                    self.socket_path.unlink(missing_ok=True)
+                    break
+        finally:
+            listener.close()
+            self.loaded.close()
+            log.info("served %d jobs", self.served)
+
+    def _answer(self, connection: socket.socket) -> bool:
+        """Answer one request; False when asked to stop."""
+        stream = connection.makefile("rwb")
+        try:
+            request = _receive(stream)
+            if request is None:
+                return True
+            if request.get("stop"):
+                _send(stream, {"exit": 0, "error": None})
+                return False
+            self._run(EvaluationJob.from_json(request["job"]), request["cwd"], stream)
             return True
-        if request.get("stop"):
-            _send(stream, {"exit": 0, "error": None})
-            return False
-        _run_for(EvaluationJob.from_json(request["job"]), request["cwd"], stream, loaded, state)
-        return True
-    finally:
-        with contextlib.suppress(OSError):  # the job may be gone, with bytes still buffered for it
-            stream.close()
-        connection.close()
+        finally:
+            with contextlib.suppress(OSError):  # the job may be gone, with bytes still buffered for it
+                stream.close()
+            connection.close()
 
-
-def _run_for(job: EvaluationJob, cwd: str, stream, loaded, state: dict) -> None:
-    """Run one job, relaying its log lines and then its outcome to it."""
-    os.chdir(cwd)
-    relay = _Relay(stream)
-    package_log = logging.getLogger("ckpt_stability")
-    package_log.addHandler(relay)
-    started = time.perf_counter()
-    try:
-        log.info("evaluation engine %d (slot %s): job %d", os.getpid(), state["slot"], state["served"] + 1)
-        code, error = _job_outcome(job, loaded)
-        package_log.removeHandler(relay)
-        _send(stream, {"exit": code, "error": error})
-    except (JobGone, OSError):
-        package_log.removeHandler(relay)
-        _forget_outputs(job)
-        log.warning("the job evaluating %s is gone; its outputs were deleted", job.model)
-        return
-    state["served"] += 1
-    log.info("served %s (%s): exit %d in %.2f s%s", job.model, json.dumps(job.meta), code,
-             time.perf_counter() - started, f": {error.splitlines()[-1]}" if error else "")
-
-
-def serve(socket_path: Path, lock_path: Path, idle_timeout: float) -> None:
-    """Listen on ``socket_path`` and run the jobs sent there, one at a time, until idle for ``idle_timeout``
-    seconds (and no job holds ``lock_path``) or asked to stop."""
-    from ckpt_stability.backends import LoadedModel
-
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    listener.bind(str(socket_path))
-    os.chmod(socket_path, 0o600)
-    listener.listen(4)
-    listener.settimeout(idle_timeout)
-    log.info("engine %d listening on %s (idle timeout %.0f s)", os.getpid(), socket_path, idle_timeout)
-    loaded, state = LoadedModel(), {"served": 0, "slot": socket_path.stem}
-    try:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except TimeoutError:
-                lock_fd = _lock(lock_path, wait=False)
-                if lock_fd is None:
-                    continue  # a job holds the slot: it is about to connect
-                socket_path.unlink(missing_ok=True)  # while holding the lock: no job can be on its way
-                os.close(lock_fd)
-                log.info("idle for %.0f s: ending", idle_timeout)
-                break
-            connection.settimeout(None)
-            if not _serve_one(connection, loaded, state):
-                log.info("asked to stop: ending")
-                socket_path.unlink(missing_ok=True)
-                break
-    finally:
-        listener.close()
-        loaded.close()
-        log.info("served %d jobs", state["served"])
-
+    def _run(self, job: EvaluationJob, cwd: str, stream) -> None:
+        """Run one job, relaying its log lines and then its outcome to it."""
+        os.chdir(cwd)
+        relay = _Relay(stream)
+        package_log = logging.getLogger("ckpt_stability")
+        package_log.addHandler(relay)
+        started = time.perf_counter()
+        try:
+            log.info("evaluation engine %d (slot %s): job %d", os.getpid(), self.socket_path.stem, self.served + 1)
+            code, error = _job_outcome(job, self.loaded)
+            package_log.removeHandler(relay)
+            _send(stream, {"exit": code, "error": error})
+        except (JobGone, OSError):
+            package_log.removeHandler(relay)
+            _forget_outputs(job)
+            log.warning("the job evaluating %s is gone; its outputs were deleted", job.model)
+            return
+        self.served += 1
+        log.info("served %s (%s): exit %d in %.2f s%s", job.model, json.dumps(job.meta), code,
+                 time.perf_counter() - started, f": {error.splitlines()[-1]}" if error else "")

@@ -12,3 +12,12 @@ class UnusableCheckpoint(InputError):
     by that checkpoint alone, so the workflow records it as the model's outcome (with this message as the
     reason) instead of failing the job, and the other models go on. Transient failures (killed, out of
     memory, disk full) are never this: they fail the job, and a rerun retries it."""
+
+
+def reported(error: InputError | OSError) -> tuple[int, str]:
+    """The exit status and the one-line message that report ``error`` without a traceback: 2 for bad input;
+    1 for a system error (a full disk, a vanished file), with the path and the reason."""
+    if isinstance(error, InputError):
+        return 2, str(error)
+    where = f"{error.filename}: " if error.filename else ""
+    return 1, f"{where}{error.strerror or error}"

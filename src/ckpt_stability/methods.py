@@ -7,7 +7,7 @@ function of that name in ``ensemble.py``; a model: a rule that builds it) and it
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 EVALUATE = "evaluate"
 """Produced by evaluating a model (the checkpoint itself, or one built from the window's checkpoints)."""
@@ -23,6 +23,11 @@ class Method:
     """In words, for the report."""
     produced_by: str
     """EVALUATE or ENSEMBLE."""
+    color: str
+    """Its colour in the report's figures."""
+    style: dict = field(default_factory=dict)
+    """Its line style in the report's figures (matplotlib keywords): distinct markers and dashes keep
+    methods with equal values apart where their lines overlap."""
     choice_only: bool = False
     """Exists for choice tasks only."""
 
@@ -31,19 +36,20 @@ class Method:
         return mode == "choice" or not self.choice_only
 
 
-RAW = Method("raw", "raw checkpoint", EVALUATE)
+RAW = Method("raw", "raw checkpoint", EVALUATE, "#333333", {"lw": 1.0})
 """The baseline: the checkpoint itself, window 1 only; every other method is computed for each window n > 1."""
-AVG = Method("avg", "weight averaging", EVALUATE)
+AVG = Method("avg", "weight averaging", EVALUATE, "#0173b2", {"marker": "o", "ls": "-", "ms": 7, "lw": 2.2})
 """The model averaged over the window (built by rule average, then evaluated)."""
-VOTE = Method("vote", "majority vote", ENSEMBLE)
-PROB = Method("prob", "probability averaging", ENSEMBLE, choice_only=True)
+VOTE = Method("vote", "majority vote", ENSEMBLE, "#de8f05", {"marker": "s", "ls": "--", "ms": 5, "lw": 1.8})
+PROB = Method("prob", "probability averaging", ENSEMBLE, "#029e73", {"marker": "^", "ls": ":", "ms": 4, "lw": 1.6},
+              choice_only=True)
 
 METHODS = (RAW, AVG, VOTE, PROB)
 """In the order of tables, figures and the plan's series: raw first."""
 
 BY_NAME = {method.name: method for method in METHODS}
 STABILISERS = METHODS[1:]
-"""The methods the config's ``methods`` chooses from (workflow/schemas/config.schema.yaml lists the same)."""
+"""The methods the config's ``methods`` chooses from (the Snakefile gives their names to the schema)."""
 
 
 def produced_by(producer: str) -> list[Method]:

@@ -46,12 +46,8 @@ from ckpt_stability.stability import excluded_models, series_metrics
 RAW = registry.RAW.name
 METHODS = [method.name for method in registry.METHODS]
 METHOD_LABELS = {method.name: method.label for method in registry.METHODS}
-METHOD_COLORS = {RAW: "#333333", registry.AVG.name: "#0173b2", registry.VOTE.name: "#de8f05",
-                 registry.PROB.name: "#029e73"}
-# distinct markers and dashes keep methods with equal values apart where their lines overlap
-METHOD_STYLES = {registry.AVG.name: {"marker": "o", "ls": "-", "ms": 7, "lw": 2.2},
-                 registry.VOTE.name: {"marker": "s", "ls": "--", "ms": 5, "lw": 1.8},
-                 registry.PROB.name: {"marker": "^", "ls": ":", "ms": 4, "lw": 1.6}}
+METHOD_COLORS = {method.name: method.color for method in registry.METHODS}
+METHOD_STYLES = {method.name: method.style for method in registry.METHODS}
 HEATMAP_EXAMPLES = 20
 HEATMAP_STEPS = 120
 """The heatmaps show at most this many of the last steps (always the whole final segment)."""
@@ -209,10 +205,10 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
                     ax.plot(values.index, values.to_numpy(), color=window_colors[window], lw=2.0)
             # raw thin and on top, so that it stays visible where a window's line coincides with it
             raw = series.mean(RAW, 1, tasks_here)
-            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS[RAW], lw=1.0)
+            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW])
             for step in series.excluded_raw_steps:
                 ax.axvline(step, **EXCLUDED_STYLE)
-    handles = ([Line2D([], [], color=METHOD_COLORS[RAW], lw=1.0, label="raw (n = 1)")]
+    handles = ([Line2D([], [], color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW], label="raw (n = 1)")]
                + [Line2D([], [], color=window_colors[w], lw=2.0, label=f"n = {w}") for w in windows]
                + [Patch(color=SEGMENT_COLOR, label="final segment")]
                + [Line2D([], [], label="excluded checkpoint", **EXCLUDED_STYLE)] * bool(series.excluded_raw_steps))

@@ -13,14 +13,8 @@ import re
 import shlex
 import sys
 
-# Jobs run the package that ships with this workflow (``python -m ckpt_stability`` is the
-# ``ckpt-stability`` command), whether or not it is installed: its source goes on the path of this
-# process and, through the environment, of every job (local, cluster, or in a conda env).
-SOURCE = os.path.join(workflow.basedir, "src")
-sys.path.insert(0, SOURCE)
-os.environ.update(PYTHONPATH=os.pathsep.join(filter(None, [SOURCE, os.environ.get("PYTHONPATH")])))
-
 from snakemake.exceptions import WorkflowError
+from snakemake.utils import validate
 from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod, ExecMode
 
@@ -32,10 +26,34 @@ from ckpt_stability.engine import stop_engines
 from ckpt_stability.errors import InputError
 from ckpt_stability import layout
 from ckpt_stability.gpus import visible_gpus
-from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, covered_tasks, produced_by
+from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, STABILISERS, covered_tasks, produced_by
 from ckpt_stability.plan import Plan
 from ckpt_stability.metrics import DEFAULT_STOP
 from ckpt_stability.tasks import TASK_OPTIONS, load_task
+
+def config_error(key, message):
+    """A config mistake, naming the file and the key that hold it."""
+    files = workflow.overwrite_configfiles or workflow.configfiles  # --configfile replaces the default
+    return WorkflowError(f"Invalid config in {', '.join(map(str, files))}: {key}: {message}")
+
+
+def _validate_config():
+    """The config against the schema, and the methods against their registry."""
+    try:
+        validate(config, "../schemas/config.schema.yaml")
+    except WorkflowError as error:
+        mistake = error.__context__  # the jsonschema ValidationError it was raised from
+        key = mistake.json_path.removeprefix("$").removeprefix(".") or "top level"
+        raise config_error(key, mistake.message) from None
+    # the schema leaves the methods' names to their registry (src/ckpt_stability/methods.py)
+    names = [method.name for method in STABILISERS]
+    config.setdefault("methods", names)
+    for name in config["methods"]:
+        if name not in names:
+            raise config_error("methods", f"{name!r} is not one of {names}")
+
+
+_validate_config()
 
 DEMO_ROOT = "results/demo"
 # the demo's runs: checkpoints that a rule of this workflow writes
