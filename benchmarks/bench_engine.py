@@ -1,18 +1,21 @@
 """The evaluation engine against a cold process per model: what each model costs beyond its inference.
 
-Runs the workflow's evaluation of the same N demo checkpoints twice in one invocation of this script,
-through `snakemake --until evaluate` on 1 core (one job at a time, so that wall time adds up per model):
-once with the engine (config `engine: {enabled: true}`), once without (a cold process per model). Each
-model's inference time is read from its job log (the seconds of each task and of the perplexity), and
+Runs the workflow's evaluation of the first N demo checkpoints through `snakemake --until evaluate` on
+1 core (one job at a time, so that wall time adds up per model), with the engine (config
+`engine: {enabled: true}`) and without it (a cold process per model), for a small and a large N, all in
+one invocation of this script. Each model's inference time is read from its job log (the seconds of each
+task and of the perplexity). What a run costs beyond inference (wall time - inference time) is a fixed
+part (Snakemake's start and DAG, the first engine's imports) plus a part per model (Snakemake's per-job
+overhead, the job's process, and the imports and model building of a cold process or the weight swap of
+an engine); the difference between the two sizes gives the part per model:
 
-    cost beyond inference per model = (workflow wall time - total inference time) / N
+    cost beyond inference per model = (beyond(N_large) - beyond(N_small)) / (N_large - N_small)
 
-which holds Snakemake's own per-job overhead, the process start, the imports and the model loading (the
-fixed start of Snakemake itself is spread over the N models). Goal (issue #19): <= 0.5 s per model on
-the CPU with the engine. Needs the demo's checkpoints (run `snakemake` first), or --demo.
+Goal (issue #19): <= 0.5 s per model on the CPU with the engine. Needs the demo's checkpoints (run
+`snakemake` first), or --demo.
 
-    python benchmarks/bench_engine.py            # 24 models, the demo's 4 tasks and perplexity
-    python benchmarks/bench_engine.py --quick    # 8 models
+    python benchmarks/bench_engine.py            # 8 and 24 models, the demo's 4 tasks and perplexity
+    python benchmarks/bench_engine.py --quick    # 4 and 8 models
 """
 
 from __future__ import annotations
@@ -66,30 +69,37 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", type=Path, default=ROOT / "results" / "demo",
                         help="the demo's directory: tasks/, heldout.txt and the run base/ (default results/demo)")
-    parser.add_argument("--models", type=int, default=24, help="how many of its checkpoints (default 24)")
-    parser.add_argument("--quick", action="store_true", help="8 models")
+    parser.add_argument("--models", type=int, nargs=2, default=[8, 24], metavar=("SMALL", "LARGE"),
+                        help="the two numbers of models (default 8 24)")
+    parser.add_argument("--quick", action="store_true", help="4 and 8 models")
     args = parser.parse_args()
-    count = 8 if args.quick else args.models
+    small, large = (4, 8) if args.quick else args.models
     found = sorted((args.demo / "base").glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[-1]))
-    if len(found) < count:
-        sys.exit(f"{args.demo / 'base'}: {len(found)} checkpoints, {count} wanted; run the demo first (snakemake)")
+    if len(found) < large:
+        sys.exit(f"{args.demo / 'base'}: {len(found)} checkpoints, {large} wanted; run the demo first (snakemake)")
 
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        selected = Path(tmp) / "checkpoints"
-        selected.mkdir()
-        for checkpoint in found[:count]:
-            (selected / checkpoint.name).symlink_to(checkpoint.resolve())
-        results = {label: measure(args.demo, selected, engine, Path(tmp) / label.replace(" ", "-"))
-                   for label, engine in (("cold process", False), ("engine", True))}
+        for count in (small, large):
+            selected = Path(tmp) / f"checkpoints-{count}"
+            selected.mkdir()
+            for checkpoint in found[:count]:
+                (selected / checkpoint.name).symlink_to(checkpoint.resolve())
+            for label, engine in (("cold process", False), ("engine", True)):
+                results[label, count] = measure(args.demo, selected, engine, Path(tmp) / f"{engine}-{count}")
 
-    print(f"{count} demo models ({args.demo / 'base'}), 4 tasks and perplexity each, snakemake --cores 1")
-    print(f"{'':<14}{'wall s':>9}{'inference s':>13}{'beyond inference s/model':>27}")
-    beyond = {}
-    for label, (wall, inference) in results.items():
-        beyond[label] = (wall - inference) / count
-        print(f"{label:<14}{wall:9.1f}{inference:13.1f}{beyond[label]:27.2f}")
-    print(f"engine: {beyond['engine']:.2f} s per model beyond inference (goal <= 0.5), "
-          f"{beyond['cold process'] / beyond['engine']:.1f}x less than a cold process per model")
+    print(f"demo models of {args.demo / 'base'}, 4 tasks and perplexity each, snakemake --cores 1")
+    print(f"{'':<14}{'models':>7}{'wall s':>9}{'inference s':>13}{'beyond s':>10}")
+    for (label, count), (wall, inference) in results.items():
+        print(f"{label:<14}{count:7d}{wall:9.1f}{inference:13.1f}{wall - inference:10.1f}")
+    per_model = {}
+    for label in ("cold process", "engine"):
+        (wall_small, inference_small), (wall_large, inference_large) = results[label, small], results[label, large]
+        per_model[label] = ((wall_large - inference_large) - (wall_small - inference_small)) / (large - small)
+        fixed = (wall_small - inference_small) - small * per_model[label]
+        print(f"{label}: {per_model[label]:.2f} s per model beyond inference, {fixed:.1f} s fixed")
+    print(f"engine: {per_model['engine']:.2f} s per model (goal <= 0.5), "
+          f"{per_model['cold process'] / per_model['engine']:.1f}x less than a cold process per model")
 
 
 if __name__ == "__main__":

@@ -186,7 +186,7 @@ def small_plan(tmp_path):
         for task in tasks:
             scores = rng.integers(0, 2, size=(len(steps), 4)).astype(float)
             predictions = [["A" if s else "B" for s in row] for row in scores]
-            write_series(plan, "r", method, window, task, steps, scores, predictions, plan.tasks[task]["mode"])
+            write_series(plan, "r", method, window, task, steps, scores, predictions, plan.tasks[task].mode)
     return plan
 
 

@@ -1,6 +1,7 @@
 """The whole workflow, run by snakemake on real tiny checkpoints and real task files."""
 
 import hashlib
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -88,3 +89,24 @@ def test_a_second_invocation_has_nothing_to_do(finished_run):
     result = snakemake(finished_run, "--dry-run", "--quiet")
     assert result.returncode == 0, result.stderr
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_stability_reads_only_prediction_files_that_scores_declares(finished_run, monkeypatch):
+    """The stability rule reads prediction files without declaring them (see workflow/rules/stability.smk):
+    safe only while each is an input of scores, on which stability depends."""
+    from ckpt_stability import stability
+
+    summary = snakemake(finished_run, "--detailed-summary")
+    assert summary.returncode == 0, summary.stderr
+    rows = [line.split("\t") for line in summary.stdout.splitlines()]
+    header = rows[0]
+    (scores_row,) = [row for row in rows if row[0] == "results/scores.parquet"]
+    declared = set(scores_row[header.index("input-file(s)")].split(","))
+    read = []
+    for name in ("read_table", "read_provenance"):
+        original = getattr(stability, name)
+        monkeypatch.setattr(stability, name, lambda path, *args, _original=original, **kwargs:
+                            (read.append(os.path.relpath(path, finished_run)), _original(path, *args, **kwargs))[1])
+    monkeypatch.chdir(finished_run)
+    stability.write_tables(Path("results/plan.json"), Path("results/scores.parquet"), finished_run / "again")
+    assert read and set(read) <= declared

@@ -124,19 +124,10 @@ def _engine(args: argparse.Namespace) -> None:
 
 
 def _indicators(args: argparse.Namespace) -> None:
-    import pandas as pd
+    from ckpt_stability.indicators import write_indicators
 
-    from ckpt_stability.indicators import (final_stabilised_targets, indicators_table, perplexity_proxies,
-                                           read_targets, score_proxies)
-    from ckpt_stability.plan import Plan
-    from ckpt_stability.stability import write_table
-
-    plan = Plan.from_json(args.plan)
-    proxies = score_proxies(pd.read_parquet(args.scores))
-    if args.perplexity_dir:
-        proxies = proxies.join(perplexity_proxies(plan, Path(args.perplexity_dir)))
-    targets = read_targets(Path(args.targets)) if args.targets else final_stabilised_targets(plan, proxies)
-    write_table(indicators_table(proxies, targets), Path(args.output))
+    write_indicators(Path(args.plan), Path(args.scores), Path(args.perplexity_dir) if args.perplexity_dir else None,
+                     Path(args.targets) if args.targets else None, Path(args.output))
 
 
 def _ensemble(args: argparse.Namespace) -> None:
@@ -156,17 +147,9 @@ def _scores(args: argparse.Namespace) -> None:
 
 
 def _stability(args: argparse.Namespace) -> None:
-    import pandas as pd
+    from ckpt_stability.stability import write_tables
 
-    from ckpt_stability.stability import (Plan, excluded_models, improvement_table, stability_table,
-                                          write_table)
-
-    scores = pd.read_parquet(args.scores)
-    stability = stability_table(Plan.from_json(args.plan), scores)
-    output = Path(args.output_dir)
-    write_table(stability, output / "stability.csv")
-    write_table(improvement_table(stability, scores), output / "improvement.csv")
-    write_table(excluded_models(scores), output / "excluded.csv")
+    write_tables(Path(args.plan), Path(args.scores), Path(args.output_dir))
 
 
 def _write_json(args: argparse.Namespace) -> None:

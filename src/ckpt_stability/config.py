@@ -1,4 +1,5 @@
-"""Checks of the workflow's configuration that its JSON schema cannot make.
+"""Checks of the workflow's configuration that its JSON schema cannot make, and what the workflow reads
+of it while it is parsed (the task files, the runs' checkpoints).
 
 YAML silently keeps the last of two equal keys, so two runs (or tasks) given the same name would
 lose one of them without a word: the config files are read again here, refusing duplicate keys.
@@ -6,11 +7,15 @@ lose one of them without a word: the config files are read again here, refusing 
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 
 import yaml
 
 from ckpt_stability.errors import InputError
+
+log = logging.getLogger(__name__)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -38,3 +43,43 @@ def check_unique_keys(path: str | Path) -> None:
         raise InputError(f"{path}: {error}") from None
     except yaml.YAMLError:
         pass  # not YAML (JSON, which Snakemake reads itself) or malformed: Snakemake reports that
+
+
+def task_path(task: dict, task_dir: str | None) -> str:
+    """A task's file: its path, read from ``task_dir`` when relative and ``task_dir`` is set."""
+    return os.path.join(task_dir or "", task["path"])
+
+
+def check_tasks(tasks: dict[str, dict], task_dir: str | None, written_under: str) -> None:
+    """Every task file exists (all missing ones named in one error) and loads with its options; those under
+    ``written_under`` are written by a rule (the demo's) and checked by the jobs that read them."""
+    from ckpt_stability.tasks import TASK_OPTIONS, load_task
+
+    paths = {name: task_path(task, task_dir) for name, task in tasks.items()}
+    missing = [f"{name}: {path}" for name, path in paths.items()
+               if not os.path.exists(path) and not path.startswith(written_under)]
+    if missing:
+        raise InputError(f"{len(missing)} task file(s) missing:\n  " + "\n  ".join(missing))
+    for name, task in tasks.items():
+        if os.path.exists(paths[name]):
+            load_task(paths[name], name=name, **{key: task[key] for key in TASK_OPTIONS})
+
+
+def plan_runs(runs: dict[str, str], largest_window: int, produced_steps: dict[str, list[int]]) -> dict:
+    """name -> ``checkpoints.Run`` of every configured run (``produced_steps``: the steps a rule of the
+    workflow writes, by run pattern); incomplete and unsupported checkpoints are left out with a warning."""
+    from ckpt_stability.checkpoints import plan_run
+
+    planned = {}
+    for name, pattern in runs.items():
+        try:
+            planned[name] = plan_run(name, pattern, largest_window, produced_steps.get(pattern, []))
+        except InputError as error:
+            raise InputError(f"config runs.{name}: {error}") from None
+        for directory, reason in planned[name].incomplete.items():
+            log.warning("run %s: skipping incomplete checkpoint %s (%s); it is picked up once complete, by the next "
+                        "invocation", name, directory, reason)
+        for directory, reason in planned[name].unsupported.items():
+            log.warning("run %s: skipping checkpoint %s: %s; it is not evaluated until its weights are saved in a "
+                        "supported layout", name, directory, reason)
+    return planned

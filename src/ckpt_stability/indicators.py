@@ -201,3 +201,18 @@ def indicators_table(proxies: pd.DataFrame, targets: pd.Series, repeats: int = 2
     table = pd.DataFrame(rows, columns=COLUMNS).assign(target=targets.name)
     return table.sort_values(["pairwise_accuracy", "proxy"], ascending=[False, True], na_position="last",
                              ignore_index=True)
+
+
+def write_indicators(plan_path: Path, scores_path: Path, perplexity_dir: Path | None, targets_path: Path | None,
+                     output: Path) -> None:
+    """The indicators table (CSV, and Markdown beside it) of the workflow's plan and scores table: every
+    score proxy, the 1/PPL proxies where a perplexity directory is given, against the targets of
+    ``targets_path`` or, without it, each run's final stabilised score."""
+    from ckpt_stability.stability import write_table
+
+    plan = Plan.from_json(plan_path)
+    proxies = score_proxies(pd.read_parquet(scores_path))
+    if perplexity_dir is not None:
+        proxies = proxies.join(perplexity_proxies(plan, perplexity_dir))
+    targets = read_targets(targets_path) if targets_path is not None else final_stabilised_targets(plan, proxies)
+    write_table(indicators_table(proxies, targets), output)

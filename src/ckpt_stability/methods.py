@@ -57,6 +57,6 @@ def produced_by(producer: str) -> list[Method]:
     return [method for method in METHODS if method.produced_by == producer]
 
 
-def covered_tasks(method: str, tasks: dict[str, dict]) -> list[str]:
-    """The tasks (name -> {"mode": ...}) that a method exists for, in their order."""
-    return [name for name, task in tasks.items() if BY_NAME[method].covers(task["mode"])]
+def covered_tasks(method: str, modes: dict[str, str]) -> list[str]:
+    """The tasks (name -> scoring mode) that a method exists for, in their order."""
+    return [name for name, mode in modes.items() if BY_NAME[method].covers(mode)]

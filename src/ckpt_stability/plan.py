@@ -17,34 +17,52 @@ from ckpt_stability.methods import RAW, STABILISERS, covered_tasks
 
 
 @dataclass(frozen=True)
+class PlannedTask:
+    """What the reductions need to know of a task."""
+
+    category: str
+    """llm-jp-eval's category, or the user's: category rows average their tasks"""
+    mode: str
+    """choice or generate: which methods exist for it"""
+
+
+@dataclass(frozen=True)
 class Plan:
     """What the workflow evaluated: the runs' steps, windows, methods and tasks."""
 
     runs: dict[str, list[int]]
     windows: list[int]
     methods: list[str]
-    tasks: dict[str, dict]
-    """name -> {"category": ..., "mode": ...}"""
+    tasks: dict[str, PlannedTask]
+    """name -> the task (given as a PlannedTask, or as its fields, as in plan.json)"""
     final_fraction: float = 0.2
     predictions: str = layout.PREDICTIONS_DIR
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tasks", {name: task if isinstance(task, PlannedTask) else PlannedTask(**task)
+                                           for name, task in self.tasks.items()})
 
     @classmethod
     def from_json(cls, path: str | Path) -> "Plan":
         try:
             return cls(**json.loads(Path(path).read_text(encoding="utf-8")))
-        except (OSError, ValueError, TypeError) as error:
+        except (OSError, ValueError, TypeError) as error:  # TypeError: a missing or unknown field
             raise InputError(f"{path}: invalid plan ({error})") from None
 
     def series(self, run: str) -> list[tuple[str, int, list[int], list[str]]]:
         """(method, window, steps, tasks) of every score series of a run: raw, then for each window n > 1 the
         configured methods in the registry's order, each on the tasks it covers."""
         steps = self.runs[run]
-        result = [(RAW.name, 1, steps, covered_tasks(RAW.name, self.tasks))]
+        result = [(RAW.name, 1, steps, self.covered_tasks(RAW.name))]
         for window in sorted(w for w in self.windows if w > 1):
             for method in STABILISERS:
                 if method.name in self.methods:
-                    result.append((method.name, window, steps[window - 1:], covered_tasks(method.name, self.tasks)))
+                    result.append((method.name, window, steps[window - 1:], self.covered_tasks(method.name)))
         return result
+
+    def covered_tasks(self, method: str, among: list[str] | None = None) -> list[str]:
+        """The tasks (of ``among``, default all) that ``method`` exists for, in their order."""
+        return covered_tasks(method, {name: self.tasks[name].mode for name in (self.tasks if among is None else among)})
 
     def path(self, run: str, method: str, window: int, step: int, task: str) -> Path:
         return Path(layout.predictions(self.predictions, run=run, method=method, n=window, step=step, task=task))

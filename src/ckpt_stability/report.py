@@ -16,6 +16,7 @@ its raw baseline is the raw checkpoints' mean over those tasks.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import platform
@@ -111,11 +112,6 @@ class ScoreSeries:
         return categories.mean(axis=1, skipna=False).dropna()
 
 
-def covered_tasks(plan: Plan, method: str, tasks: list[str]) -> list[str]:
-    """Those of ``tasks`` (a subset of the plan's) that ``method`` exists for, as the registry says."""
-    return registry.covered_tasks(method, {task: plan.tasks[task] for task in tasks})
-
-
 def _read_raw_file(path: Path) -> tuple[np.ndarray, np.ndarray, dict]:
     table = read_table(path, columns=["example_id", "score"])
     provenance = json.loads((table.schema.metadata or {}).get(METADATA_KEY, b"{}"))
@@ -186,7 +182,7 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
     for r, (label, tasks) in enumerate(rows):
         for c, method in enumerate(columns):
             ax = axes[r][c]
-            tasks_here = covered_tasks(plan, method, tasks)
+            tasks_here = plan.covered_tasks(method, tasks)
             ax.axvspan(segment[0], segment[-1], color=SEGMENT_COLOR, zorder=0)
             if r == 0:
                 ax.set_title(f"{method}: {METHOD_LABELS[method]}", fontsize=10)
@@ -231,7 +227,7 @@ def window_figure(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame
             ax = axes[r][c]
             top = 0.0
             for method in methods:
-                tasks_here = covered_tasks(plan, method, tasks)
+                tasks_here = plan.covered_tasks(method, tasks)
                 method_rows = rows[rows["method"] == method]
                 if not tasks_here or method_rows.empty:
                     continue
@@ -397,7 +393,7 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame) ->
 
     methods = []
     for method in [m for m in METHODS if m == RAW or m in plan.methods]:
-        tasks = covered_tasks(plan, method, list(plan.tasks))
+        tasks = plan.covered_tasks(method)
         windows = [1] if method == RAW else sorted(w for w in plan.windows if w > 1)
         if not tasks or not windows:
             continue
@@ -470,7 +466,7 @@ def settings_section(plan: Plan, settings: dict, raw: dict[str, dict[str, RawTas
             if len(values) > 1:
                 warnings.append(f"task {task}: the raw predictions carry {len(values)} different {key} values")
         last = records[-1]
-        tasks.append({"name": task, "category": plan.tasks[task]["category"], "mode": plan.tasks[task]["mode"],
+        tasks.append({"name": task, "category": plan.tasks[task].category, "mode": plan.tasks[task].mode,
                       "metric": last.get("task", {}).get("metric"),
                       "num_fewshot": last.get("prompt", {}).get("num_fewshot", configured.get("num_fewshot")),
                       "max_samples": configured.get("max_samples"), "examples": len(raw[next(iter(raw))][task].example_ids),
@@ -495,7 +491,7 @@ def settings_section(plan: Plan, settings: dict, raw: dict[str, dict[str, RawTas
         "stop": _distinct(p.get("prompt", {}).get("stop") for p in records),
         "inference": _distinct({"backend": p.get("backend"), "versions": p.get("versions")} for p in records),
         "report_versions": report_versions,
-        "plan_json": json.dumps(plan.__dict__, indent=1, ensure_ascii=False),
+        "plan_json": json.dumps(dataclasses.asdict(plan), indent=1, ensure_ascii=False),
         "settings_json": json.dumps(settings, indent=1, ensure_ascii=False, sort_keys=True),
     }, warnings
 
@@ -508,15 +504,15 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
     table = stability[stability["run"] == run]
     series = ScoreSeries(scores, run)
     tasks = list(plan.tasks)
-    categories = list(dict.fromkeys(plan.tasks[task]["category"] for task in tasks))
+    categories = list(dict.fromkeys(plan.tasks[task].category for task in tasks))
     groups = [("overall", "overall", tasks)] + [
-        ("category", category, [t for t in tasks if plan.tasks[t]["category"] == category]) for category in categories]
+        ("category", category, [t for t in tasks if plan.tasks[t].category == category]) for category in categories]
     directory = safe_name(run)
     segment = plan.segment(run)
     segment_text = f"steps {segment[0]}–{segment[-1]}, {len(segment)} checkpoints"
 
     trajectories = [
-        figures.save(trajectory_figure(plan, run, series, [(f"{t} ({plan.tasks[t]['category']})", [t]) for t in tasks]),
+        figures.save(trajectory_figure(plan, run, series, [(f"{t} ({plan.tasks[t].category})", [t]) for t in tasks]),
                      f"{directory}/trajectories_tasks", "Score per task",
                      f"Each panel: the raw checkpoints (dark) and every window of one method; the shaded band is the "
                      f"final segment ({segment_text}), on which the stability metrics are computed."),

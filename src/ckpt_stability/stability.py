@@ -60,7 +60,7 @@ def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
         for method, window, steps, tasks in plan.series(run):
             for step in steps:
                 for task in tasks:
-                    rows.append((run, task, plan.tasks[task]["category"], method, window, step))
+                    rows.append((run, task, plan.tasks[task].category, method, window, step))
     paths = [plan.path(run, method, window, step, task) for run, task, _, method, window, step in rows]
     with ThreadPoolExecutor(threads) as pool:
         provenances = list(pool.map(read_provenance, paths))
@@ -152,7 +152,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
         if len(healthy) < 2:
             return dict.fromkeys(EXAMPLE_COLUMNS, np.nan)
         matrix, predictions = _read_segment(plan, run, method, window, task, healthy)
-        return example_metrics(matrix, predictions, plan.tasks[task]["mode"], metric_of[task])
+        return example_metrics(matrix, predictions, plan.tasks[task].mode, metric_of[task])
 
     with ThreadPoolExecutor(threads) as pool:
         example_rows = list(pool.map(task_row, jobs))
@@ -164,7 +164,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
     per_task = []
     for (run, method, window, task, segment, healthy), example_row in zip(jobs, example_rows):
         per_task.append({"run": run, "level": "task", "name": task, "method": method, "window": window,
-                         "category": plan.tasks[task]["category"], "metric": metric_of[task],
+                         "category": plan.tasks[task].category, "metric": metric_of[task],
                          **series_metrics(series.get((run, method, window, task), np.zeros(0))), **example_row,
                          "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment),
                          "excluded_steps": " ".join(str(step) for step in segment if step not in healthy)})
@@ -243,3 +243,13 @@ def write_table(frame: pd.DataFrame, csv_path: Path) -> None:
 def write_scores(frame: pd.DataFrame, path: Path) -> None:
     with atomic_file(path) as tmp:
         frame.to_parquet(tmp, index=False)
+
+
+def write_tables(plan_path: Path, scores_path: Path, output_dir: Path) -> None:
+    """stability, improvement and excluded (CSV, and Markdown beside each) under ``output_dir``, from the
+    workflow's plan and scores table."""
+    scores = pd.read_parquet(scores_path)
+    stability = stability_table(Plan.from_json(plan_path), scores)
+    write_table(stability, output_dir / "stability.csv")
+    write_table(improvement_table(stability, scores), output_dir / "improvement.csv")
+    write_table(excluded_models(scores), output_dir / "excluded.csv")

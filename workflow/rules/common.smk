@@ -15,12 +15,12 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
-from snakemake.logging import logger
 from snakemake_interface_executor_plugins.settings import DeploymentMethod, ExecMode
 
-from ckpt_stability.checkpoints import plan_run
-from ckpt_stability.config import check_unique_keys
+from ckpt_stability.config import check_tasks, check_unique_keys, plan_runs
+from ckpt_stability.config import task_path as config_task_path
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
+from ckpt_stability.demo import DemoSettings
 from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
 from ckpt_stability.engine import stop_engines
 from ckpt_stability.errors import InputError
@@ -29,7 +29,6 @@ from ckpt_stability.gpus import visible_gpus
 from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, STABILISERS, covered_tasks, produced_by
 from ckpt_stability.plan import Plan
 from ckpt_stability.metrics import DEFAULT_STOP
-from ckpt_stability.tasks import TASK_OPTIONS, load_task
 
 def config_error(key, message):
     """A config mistake, naming the file and the key that hold it."""
@@ -89,63 +88,29 @@ _default_gpu_resource()
 
 
 def demo_steps():
+    """The steps of the checkpoints that the demo's pretraining writes."""
     demo = config.get("demo")
     if not demo:
         return []
-    return list(range(demo["save_every"], demo["train_steps"] + 1, demo["save_every"]))
+    return DemoSettings(train_steps=demo["train_steps"], save_every=demo["save_every"]).checkpoint_steps()
 
 
 def task_path(task):
-    """A task's file: its path, read from task_dir when relative and task_dir is set."""
-    return os.path.join(config.get("task_dir", ""), task["path"])
+    return config_task_path(task, config.get("task_dir"))
 
 
-def _check_inputs():
-    """Config problems the schema cannot see, and the task files: a clear error now, before any job runs.
-    Every missing task file is named in one error; the demo's tasks are written by a rule, and checked by
-    the jobs that read them."""
+def _read_inputs():
+    """The task files and the runs' checkpoints: a config problem is a clear error now, before any job runs."""
     try:
         for path in workflow.configfiles:
             check_unique_keys(path)
-        missing = [
-            f"{name}: {task_path(task)}"
-            for name, task in config["tasks"].items()
-            if not os.path.exists(task_path(task)) and not task_path(task).startswith(DEMO_ROOT)
-        ]
-        if missing:
-            raise InputError(f"{len(missing)} task file(s) missing:\n  " + "\n  ".join(missing))
-        for name, task in config["tasks"].items():
-            if os.path.exists(task_path(task)):
-                load_task(task_path(task), name=name, **{key: task[key] for key in TASK_OPTIONS})
+        check_tasks(config["tasks"], config.get("task_dir"), written_under=DEMO_ROOT)
+        return plan_runs(config["runs"], LARGEST_WINDOW, {pattern: demo_steps() for pattern in DEMO_PATTERNS})
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
 
-_check_inputs()
-
-
-def _plan_runs():
-    runs = {}
-    for name, pattern in config["runs"].items():
-        produced = demo_steps() if pattern in DEMO_PATTERNS else []
-        try:
-            runs[name] = plan_run(name, pattern, LARGEST_WINDOW, produced)
-        except InputError as error:
-            raise WorkflowError(f"config runs.{name}: {error}") from None
-        for directory, reason in runs[name].incomplete.items():
-            logger.warning(
-                f"run {name}: skipping incomplete checkpoint {directory} ({reason}); "
-                f"it is picked up once complete, by the next invocation"
-            )
-        for directory, reason in runs[name].unsupported.items():
-            logger.warning(
-                f"run {name}: skipping checkpoint {directory}: {reason}; it is not evaluated "
-                f"until its weights are saved in a supported layout"
-            )
-    return runs
-
-
-RUNS = _plan_runs()
+RUNS = _read_inputs()
 
 
 wildcard_constraints:
@@ -198,7 +163,8 @@ def model_dir(wildcards):
 
 def ensemble_outputs(method):
     """An ensemble method's prediction files, one per task it covers, as patterns of {run}, {n} and {step}."""
-    return [layout.predictions(method=method, task=task) for task in covered_tasks(method, config["tasks"])]
+    modes = {name: task["mode"] for name, task in config["tasks"].items()}
+    return [layout.predictions(method=method, task=task) for task in covered_tasks(method, modes)]
 
 
 def window_raw_predictions(wildcards):

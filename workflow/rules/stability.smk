@@ -32,6 +32,10 @@ rule scores:
         "python -m ckpt_stability scores --plan {input.plan:q} --output {output:q} > {log:q} 2>&1"
 
 
+# stability also reads the prediction files of each run's final segment (example-level metrics) without
+# declaring them: declaring them would add as many edges to the DAG as scores has, for no gain, since
+# scores declares every prediction file and stability depends on scores, so that a changed prediction
+# file reruns both. tests/test_workflow.py guards this: stability reads no file that scores does not declare.
 rule stability:
     input:
         plan="results/plan.json",
