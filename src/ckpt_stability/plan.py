@@ -18,12 +18,11 @@ from ckpt_stability.methods import RAW, STABILISERS, covered_tasks
 
 @dataclass(frozen=True)
 class PlannedTask:
-    """What the reductions need to know of a task."""
+    """What the reductions need to know of a task: its category (llm-jp-eval's, or the user's; category rows
+    average their tasks) and its scoring mode, choice or generate (which methods exist for it)."""
 
     category: str
-    """llm-jp-eval's category, or the user's: category rows average their tasks"""
     mode: str
-    """choice or generate: which methods exist for it"""
 
 
 @dataclass(frozen=True)
