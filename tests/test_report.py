@@ -11,6 +11,7 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from matplotlib import image
 
@@ -135,6 +136,18 @@ def test_summary_names_the_steadiest_method(html):
     assert "MTV dropped by 100%" in summary
     for method in ("raw", "avg", "vote", "prob"):
         assert re.search(rf"<td>{method} — ", summary), method
+
+
+def test_the_summary_takes_its_baselines_from_the_improvement_table(report, html):
+    from ckpt_stability.report import _environment
+
+    number = _environment().filters["num"]
+    improvement = pd.read_csv(report.parent.parent / "tables" / "improvement.csv")
+    vote3 = improvement[(improvement.run == "main") & (improvement.level == "overall") & (improvement.method == "vote")
+                        & (improvement.window == 3)].iloc[0]
+    summary = html[html.index('id="summary-main"'):html.index("<h3>")]
+    assert f"against {number(vote3.mtv_raw)} for the raw checkpoints" in summary
+    assert re.search(rf"goes from\s+{re.escape(number(vote3.instability_raw))} to", summary)
 
 
 def test_settings_show_hashes_and_checkpoints(html):

@@ -232,6 +232,7 @@ def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     raw_mtv = row("task", "t1", "raw").mtv
     expected_ratio = row("task", "t1", "vote").mtv / raw_mtv if raw_mtv else np.nan
     assert t1.mtv_ratio == pytest.approx(expected_ratio, nan_ok=True)
+    assert (t1.mtv_raw, t1.instability_raw) == (raw_mtv, row("task", "t1", "raw").instability)
 
 
 def test_prob_rows_cover_choice_tasks_only(small_plan, tmp_path):
@@ -257,6 +258,7 @@ def test_prob_rows_cover_choice_tasks_only(small_plan, tmp_path):
         prob_overall.mean_score - raw_choice.mean())
     raw_mtv = np.abs(np.diff(raw_choice)).mean()
     assert raw_mtv > 0 and improvement.loc[("overall", "overall"), "mtv_ratio"] == 0
+    assert improvement.loc[("overall", "overall"), "mtv_raw"] == pytest.approx(raw_mtv)
     raw_t1_t2 = table[(table.method == "raw") & table.name.isin(["t1", "t2"])]
     assert improvement.loc[("overall", "overall"), "instability_ratio"] == 0
     assert raw_t1_t2.instability.mean() > 0

@@ -42,7 +42,7 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 from ckpt_stability.predictions import METADATA_KEY, read_table
-from ckpt_stability.stability import excluded_models, series_metrics
+from ckpt_stability.stability import IMPROVEMENT_COLUMNS, KEYS, STABILITY_COLUMNS, excluded_models
 
 RAW = registry.RAW.name
 METHODS = [method.name for method in registry.METHODS]
@@ -57,13 +57,13 @@ EXCLUDED_STYLE = {"color": "#c0392b", "ls": ":", "lw": 1.4}
 SCORE_COLORS = LinearSegmentedColormap.from_list("score", ["#e8912d", "#f7f7f7", "#2166ac"])
 DPI = 110
 REPORT_PACKAGES = ["numpy", "pandas", "pyarrow", "matplotlib", "seaborn", "jinja2"]
-STABILITY_COLUMNS = ["level", "name", "method", "window", "mean_score", "final_score", "std", "mtv", "instability",
-                     "example_mtv", "ever_flipped", "tv_i", "noise", "excluded_steps"]
+STABILITY_SHOWN = [*KEYS[1:], *STABILITY_COLUMNS, "excluded_steps"]
+"""the stability table's columns in the report (the run is that of its section)"""
 INDICATOR_COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
                      "kendall_tau", "spread"]
 INDICATOR_SCORE_PROXIES = 15
 INDICATOR_COLORS = {"score": "#0173b2", "perplexity": "#cc78bc", "comparator": "#de8f05"}
-IMPROVEMENT_COLUMNS = ["level", "name", "method", "window", "delta_mean_score", "mtv_ratio", "instability_ratio"]
+IMPROVEMENT_SHOWN = [*KEYS[1:], *IMPROVEMENT_COLUMNS]
 
 
 @dataclass
@@ -212,26 +212,27 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
     return figure
 
 
-def window_figure(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame,
+def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
                   groups: list[tuple[str, str, list[str]]]) -> MplFigure:
     """MTV and instability against the window size, one line per method, one row per group. Each line
-    starts at n = 1 from raw on the method's own tasks (a window of one is the raw checkpoint)."""
-    segment = plan.segment(run)
+    starts at n = 1 from raw on the method's own tasks (a window of one is the raw checkpoint), as the
+    improvement table gives it."""
     methods = [m for m in METHODS[1:] if m in plan.methods]
     windows = sorted(plan.windows)
     figure = MplFigure(figsize=(8.5, 0.9 + 2.2 * len(groups)), layout="constrained")
     axes = figure.subplots(len(groups), 2, squeeze=False)
     for r, (level, name, tasks) in enumerate(groups):
         rows = table[(table["level"] == level) & (table["name"] == name)].sort_values("window")
+        baselines = improvement[(improvement["level"] == level) & (improvement["name"] == name)]
         for c, metric in enumerate(["mtv", "instability"]):
             ax = axes[r][c]
             top = 0.0
             for method in methods:
-                tasks_here = plan.covered_tasks(method, tasks)
                 method_rows = rows[rows["method"] == method]
-                if not tasks_here or method_rows.empty:
+                baseline = baselines.loc[baselines["method"] == method, f"{metric}_raw"]
+                if not plan.covered_tasks(method, tasks) or method_rows.empty or baseline.empty:
                     continue
-                values = [raw_baseline(series, table, tasks_here, segment)[metric], *method_rows[metric]]
+                values = [float(baseline.iloc[0]), *method_rows[metric]]
                 ax.plot([1, *method_rows["window"]], values, color=METHOD_COLORS[method], **METHOD_STYLES[method])
                 top = max(top, *values)
             ax.set_xscale("log", base=2)
@@ -357,38 +358,27 @@ def example_heatmap(task: str, segment: list[int], raw: RawTask) -> tuple[MplFig
 # ---------------------------------------------------------------- summary
 
 
-def raw_baseline(series: ScoreSeries, table: pd.DataFrame, tasks: list[str], segment: list[int]) -> dict[str, float]:
-    """Raw's MTV and instability over ``tasks``: a group's instability is the mean of its tasks'."""
-    task_rows = table[(table["level"] == "task") & (table["method"] == RAW) & table["name"].isin(tasks)]
-    values = series.mean(RAW, 1, tasks)  # the evaluated steps only
-    return {"mtv": series_metrics(values[values.index.isin(segment)].to_numpy())["mtv"],
-            "instability": float(task_rows["instability"].mean())}
-
-
-def ratio(value: float, baseline: float) -> float:
-    if baseline == 0:
-        return 1.0 if value == 0 else float("inf")
-    return value / baseline
-
-
-def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame) -> dict:
-    """Every method and window against raw on the same tasks (overall), the steadiest of them, and the
-    best checkpoint of each method over the whole run."""
-    segment = plan.segment(run)
+def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame, improvement: pd.DataFrame) -> dict:
+    """Every method and window against raw on the same tasks (overall, from the improvement table), the
+    steadiest of them, and the best checkpoint of each method over the whole run."""
     overall = table[table["level"] == "overall"].set_index(["method", "window"])
+    against_raw = improvement[improvement["level"] == "overall"].set_index(["method", "window"])
     variants = []
     for method, window, _, tasks in plan.series(run)[1:]:
         if not tasks:
             continue
-        baseline = raw_baseline(series, table, tasks, segment)
-        row = overall.loc[(method, window)]
+        row, baseline = overall.loc[(method, window)], against_raw.loc[(method, window)]
         variants.append({"method": method, "window": window, "choice_only": len(tasks) < len(plan.tasks),
-                         "mtv": float(row["mtv"]), "raw_mtv": baseline["mtv"],
-                         "mtv_ratio": ratio(float(row["mtv"]), baseline["mtv"]),
-                         "instability": float(row["instability"]), "raw_instability": baseline["instability"],
-                         "instability_ratio": ratio(float(row["instability"]), baseline["instability"])})
-    steadiest = min(variants, key=lambda v: v["mtv_ratio"], default=None)
-    if steadiest is not None and steadiest["mtv_ratio"] >= 1:
+                         "mtv": float(row["mtv"]), "raw_mtv": float(baseline["mtv_raw"]),
+                         "mtv_ratio": float(baseline["mtv_ratio"]),
+                         "instability": float(row["instability"]), "raw_instability": float(baseline["instability_raw"]),
+                         "instability_ratio": float(baseline["instability_ratio"])})
+
+    def steadiness(variant: dict) -> float:  # no ratio (raw's MTV is 0): nothing to improve on
+        return variant["mtv_ratio"] if np.isfinite(variant["mtv_ratio"]) else np.inf
+
+    steadiest = min(variants, key=steadiness, default=None)
+    if steadiest is not None and not steadiness(steadiest) < 1:
         steadiest = None
 
     methods = []
@@ -404,9 +394,9 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame) ->
                 best = {"step": int(values.idxmax()), "window": window, "score": float(values.max())}
         mine = [v for v in variants if v["method"] == method]
         methods.append({"method": method, "label": METHOD_LABELS[method], "choice_only": len(tasks) < len(plan.tasks),
-                        "best": best, "steadiest": min(mine, key=lambda v: v["mtv_ratio"], default=None)})
+                        "best": best, "steadiest": min(mine, key=steadiness, default=None)})
     raw_overall = overall.loc[(RAW, 1)]
-    return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": segment,
+    return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": plan.segment(run),
             "raw_mtv": float(raw_overall["mtv"]), "raw_instability": float(raw_overall["instability"]),
             "raw_flipped": float(raw_overall["ever_flipped"])}
 
@@ -521,8 +511,9 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
                      "The mean of the tasks' scores. In the prob column, raw is averaged over the same (choice) tasks "
                      "as prob, so the lines are comparable."),
     ]
+    improvement = improvement[improvement["run"] == run]
     by_window = figures.save(
-        window_figure(plan, run, series, table, groups), f"{directory}/stability_by_window",
+        window_figure(plan, table, improvement, groups), f"{directory}/stability_by_window",
         "MTV and instability against the window size",
         "Lower is steadier. Every line starts at n = 1 from the raw checkpoints on the method's own tasks "
         "(a window of one checkpoint is the raw checkpoint).")
@@ -541,7 +532,7 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
         "name": run,
         "anchor": safe_name(run),
         "segment_text": segment_text,
-        "summary": summarise(plan, run, series, table),
+        "summary": summarise(plan, run, series, table, improvement),
         "excluded": excluded_models(scores[scores["run"] == run]).to_dict("records"),
         "trajectories": trajectories,
         "by_window": by_window,
@@ -550,12 +541,10 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
         "flip_stats": flip_stats,
         "heatmap_steps": HEATMAP_STEPS,
         "heatmap_examples": HEATMAP_EXAMPLES,
-        "stability_groups": html_table(table[table["level"] != "task"], STABILITY_COLUMNS),
-        "stability_tasks": html_table(table[table["level"] == "task"], STABILITY_COLUMNS),
-        "improvement_groups": html_table(improvement[(improvement["run"] == run) & (improvement["level"] != "task")],
-                                         IMPROVEMENT_COLUMNS),
-        "improvement_tasks": html_table(improvement[(improvement["run"] == run) & (improvement["level"] == "task")],
-                                        IMPROVEMENT_COLUMNS),
+        "stability_groups": html_table(table[table["level"] != "task"], STABILITY_SHOWN),
+        "stability_tasks": html_table(table[table["level"] == "task"], STABILITY_SHOWN),
+        "improvement_groups": html_table(improvement[improvement["level"] != "task"], IMPROVEMENT_SHOWN),
+        "improvement_tasks": html_table(improvement[improvement["level"] == "task"], IMPROVEMENT_SHOWN),
     }
 
 

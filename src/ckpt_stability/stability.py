@@ -199,8 +199,14 @@ def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
             for row in [*categories, overall]]
 
 
+IMPROVEMENT_COLUMNS = ["delta_mean_score", "mtv_ratio", "instability_ratio", "mtv_raw", "instability_raw"]
+"""The improvement table's columns besides its keys; ``*_raw`` are raw's values on the method's tasks."""
+
+
 def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
-    """Each method and window against raw: difference of mean_score, ratios of mtv and instability.
+    """Each method and window against raw: difference of mean_score, ratios of mtv and instability (NaN
+    where raw's is 0: the one rule for a zero baseline, which the report follows), and raw's mtv and
+    instability themselves.
 
     The baseline covers the same tasks: a method that exists for some tasks only (``prob``, choice
     tasks) is compared, on its category and overall rows, with raw aggregated over those tasks."""
@@ -230,7 +236,7 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
     others["delta_mean_score"] = others["mean_score"].to_numpy() - others["mean_score_raw"].to_numpy()
     others["mtv_ratio"] = ratio("mtv")
     others["instability_ratio"] = ratio("instability")
-    return others[KEYS + ["delta_mean_score", "mtv_ratio", "instability_ratio"]].reset_index(drop=True)
+    return others[KEYS + IMPROVEMENT_COLUMNS].reset_index(drop=True)
 
 
 def write_table(frame: pd.DataFrame, csv_path: Path) -> None:
