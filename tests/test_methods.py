@@ -12,7 +12,7 @@ from ckpt_stability.ensemble import COMBINERS
 from ckpt_stability.errors import InputError
 from ckpt_stability.methods import BY_NAME, ENSEMBLE, EVALUATE, METHODS, RAW, STABILISERS, produced_by
 from ckpt_stability.plan import Plan
-from ckpt_stability.report import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
+from ckpt_stability.report.style import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
 from helpers import ROOT, snakemake
 
 TASKS = {"c": {"category": "C", "mode": "choice"}, "g": {"category": "G", "mode": "generate"}}

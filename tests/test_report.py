@@ -139,9 +139,9 @@ def test_summary_names_the_steadiest_method(html):
 
 
 def test_the_summary_takes_its_baselines_from_the_improvement_table(report, html):
-    from ckpt_stability.report import _environment
+    from ckpt_stability.report.page import template_environment
 
-    number = _environment().filters["num"]
+    number = template_environment().filters["num"]
     improvement = pd.read_csv(report.parent.parent / "tables" / "improvement.csv")
     vote3 = improvement[(improvement.run == "main") & (improvement.level == "overall") & (improvement.method == "vote")
                         & (improvement.window == 3)].iloc[0]

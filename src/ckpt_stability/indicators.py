@@ -38,6 +38,7 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.methods import BY_NAME, EVALUATE, RAW, STABILISERS
 from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
+from ckpt_stability.stability import overall_score
 
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
            "kendall_tau", "spread", "target"]
@@ -50,11 +51,14 @@ def score_proxies(scores: pd.DataFrame) -> pd.DataFrame:
     """Models x proxies from the scores table: every task's score and the overall score (the mean of the
     categories' means, llm-jp-eval's AVG), per series. Excluded models (no score) have no proxy values."""
     frame = scores[scores["score"].notna()]
-    series = ["run", "method", "window", "step"]
-    overall = frame.groupby([*series, "category"], as_index=False)["score"].mean().groupby(series, as_index=False)[
-        "score"].mean()
-    overall["task"] = "overall"
-    frame = pd.concat([frame[overall.columns], overall], ignore_index=True)
+    category_of = dict(zip(frame["task"], frame["category"]))
+    overall = []
+    for (method, window), rows in frame.groupby(["method", "window"], sort=False):  # each on the tasks it covers
+        wide = rows.pivot(index=["run", "step"], columns="task", values="score")
+        overall.append(overall_score(wide, category_of).rename("score").reset_index().assign(
+            method=method, window=window, task="overall"))
+    columns = ["run", "method", "window", "step", "task", "score"]
+    frame = pd.concat([frame[columns], *(part[columns] for part in overall)], ignore_index=True)
     frame["proxy"] = frame["task"] + " " + frame["method"] + frame["window"].astype(str)
     return frame.pivot_table(index=["run", "step"], columns="proxy", values="score")
 

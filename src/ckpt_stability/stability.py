@@ -72,6 +72,23 @@ def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
     return frame
 
 
+def category_means(scores: pd.DataFrame, category_of: dict[str, str], skipna: bool = False) -> pd.DataFrame:
+    """One column per category (in the order of its first task), the mean of its tasks' columns of
+    ``scores``; NaN where one of them is NaN, unless ``skipna``."""
+    tasks_of: dict[str, list[str]] = {}
+    for task in scores.columns:
+        tasks_of.setdefault(category_of[task], []).append(task)
+    return pd.DataFrame({category: scores[tasks].mean(axis=1, skipna=skipna) for category, tasks in tasks_of.items()},
+                        index=scores.index)
+
+
+def overall_score(scores: pd.DataFrame, category_of: dict[str, str]) -> pd.Series:
+    """llm-jp-eval's AVG of the tasks' columns of ``scores``: the mean of the categories' means, so that a
+    category of many tasks weighs as much as one of a single task. The one definition of ``overall``, for
+    the tables, the report and the indicators."""
+    return category_means(scores, category_of).mean(axis=1, skipna=False)
+
+
 def excluded_models(scores: pd.DataFrame) -> pd.DataFrame:
     """The models left out of the results, one row each: run, method, window, step and the reason."""
     rows = scores[scores[EXCLUDED_KEY].notna()]
@@ -183,20 +200,22 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
 def _aggregate(task_rows: pd.DataFrame, series_of) -> list[dict]:
     """The category and overall rows of one (run, method, window) from its task rows; ``series_of(task)``
     is the task's score series over the final segment. A category averages its tasks; ``overall``
-    averages the categories (llm-jp-eval's AVG), so that a category of many tasks weighs as much as one
-    of a single task."""
+    averages the categories (``overall_score``)."""
     first = task_rows.iloc[0]
-    categories = []
-    for category, rows in task_rows.groupby("category", sort=False):
-        categories.append({"run": first["run"], "level": "category", "name": category, "method": first["method"],
-                           "window": first["window"], "category": category, "metric": "",
-                           "series": np.mean([series_of(task) for task in rows["name"]], axis=0),
-                           **rows[EXAMPLE_COLUMNS].mean().to_dict(), **rows[SEGMENT_COLUMNS].iloc[0].to_dict()})
-    overall = {**categories[0], "level": "overall", "name": "overall", "category": "",
-               "series": np.mean([category["series"] for category in categories], axis=0),
-               **{column: float(np.mean([category[column] for category in categories])) for column in EXAMPLE_COLUMNS}}
-    return [{**{key: value for key, value in row.items() if key != "series"}, **series_metrics(row["series"])}
-            for row in [*categories, overall]]
+    category_of = dict(zip(task_rows["name"], task_rows["category"]))
+    series = pd.DataFrame({task: series_of(task) for task in task_rows["name"]})  # segment steps x tasks
+    examples = task_rows.set_index("name")[EXAMPLE_COLUMNS].T  # example-level metric x tasks
+    category_series = category_means(series, category_of)
+    category_examples = category_means(examples, category_of, skipna=True)  # a task may lack a value
+    segment = task_rows[SEGMENT_COLUMNS].iloc[0].to_dict()
+    rows = [{"run": first["run"], "level": "category", "name": category, "method": first["method"],
+             "window": first["window"], "category": category, "metric": "", "series": category_series[category],
+             **category_examples[category].to_dict(), **segment} for category in category_series.columns]
+    rows.append({**rows[0], "level": "overall", "name": "overall", "category": "",
+                 "series": category_series.mean(axis=1, skipna=False),
+                 **category_examples.mean(axis=1, skipna=False).to_dict()})
+    return [{**{key: value for key, value in row.items() if key != "series"},
+             **series_metrics(row["series"].to_numpy())} for row in rows]
 
 
 IMPROVEMENT_COLUMNS = ["delta_mean_score", "mtv_ratio", "instability_ratio", "mtv_raw", "instability_raw"]

@@ -1,0 +1,215 @@
+"""The report's figures, each drawn from the tables and the inputs, and saved as a PNG file that the page
+also embeds."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure as MplFigure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from ckpt_stability.plan import Plan
+from ckpt_stability.report.style import (DPI, EXCLUDED_STYLE, HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_COLORS,
+                                         INDICATOR_SCORE_PROXIES, METHODS, METHOD_COLORS, METHOD_LABELS, METHOD_STYLES,
+                                         RAW, SCORE_COLORS, SEGMENT_COLOR)
+from ckpt_stability.report.inputs import RawTask, ScoreSeries
+
+
+@dataclass
+class Figure:
+    title: str
+    caption: str
+    path: str
+    """relative to the report"""
+    data_uri: str
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+class FigureWriter:
+    """Saves each figure as a PNG file and keeps it as a data URI for the page."""
+
+    def __init__(self, directory: Path, relative_to: str):
+        self.directory = directory
+        self.relative_to = relative_to
+
+    def save(self, figure: MplFigure, name: str, title: str, caption: str) -> Figure:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format="png", dpi=DPI)
+        data = buffer.getvalue()
+        path = self.directory / f"{name}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return Figure(title, caption, f"{self.relative_to}/{path.relative_to(self.directory).as_posix()}",
+                      "data:image/png;base64," + base64.b64encode(data).decode("ascii"))
+
+
+def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tuple[str, list[str]]]) -> MplFigure:
+    """Rows: tasks or task groups; columns: the stabilising methods, each window against raw."""
+    segment = plan.segment(run)
+    windows = sorted(w for w in plan.windows if w > 1)
+    columns = [m for m in METHODS[1:] if m in plan.methods and windows] or [RAW]
+    window_colors = dict(zip(windows, sns.color_palette("flare", len(windows))))
+    figure = MplFigure(figsize=(1.2 + 3.6 * len(columns), 0.9 + 2.0 * len(rows)), layout="constrained")
+    axes = figure.subplots(len(rows), len(columns), sharex=True, sharey="row", squeeze=False)
+    for r, (label, tasks) in enumerate(rows):
+        for c, method in enumerate(columns):
+            ax = axes[r][c]
+            tasks_here = plan.covered_tasks(method, tasks)
+            ax.axvspan(segment[0], segment[-1], color=SEGMENT_COLOR, zorder=0)
+            if r == 0:
+                ax.set_title(f"{method}: {METHOD_LABELS[method]}", fontsize=10)
+            if c == 0:
+                ax.set_ylabel(f"{label}\nscore", fontsize=9)
+            if r == len(rows) - 1:
+                ax.set_xlabel("step")
+            ax.tick_params(labelsize=8)
+            if not tasks_here:
+                ax.text(0.5, 0.5, "choice tasks only", ha="center", va="center", transform=ax.transAxes,
+                        color="#777777")
+                continue
+            if method != RAW:
+                for window in windows:
+                    values = series.mean(method, window, tasks_here)
+                    ax.plot(values.index, values.to_numpy(), color=window_colors[window], lw=2.0)
+            # raw thin and on top, so that it stays visible where a window's line coincides with it
+            raw = series.mean(RAW, 1, tasks_here)
+            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW])
+            for step in series.excluded_raw_steps:
+                ax.axvline(step, **EXCLUDED_STYLE)
+    handles = ([Line2D([], [], color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW], label="raw (n = 1)")]
+               + [Line2D([], [], color=window_colors[w], lw=2.0, label=f"n = {w}") for w in windows]
+               + [Patch(color=SEGMENT_COLOR, label="final segment")]
+               + [Line2D([], [], label="excluded checkpoint", **EXCLUDED_STYLE)] * bool(series.excluded_raw_steps))
+    figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
+    return figure
+
+
+def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
+                  groups: list[tuple[str, str, list[str]]]) -> MplFigure:
+    """MTV and instability against the window size, one line per method, one row per group. Each line
+    starts at n = 1 from raw on the method's own tasks (a window of one is the raw checkpoint), as the
+    improvement table gives it."""
+    methods = [m for m in METHODS[1:] if m in plan.methods]
+    windows = sorted(plan.windows)
+    figure = MplFigure(figsize=(8.5, 0.9 + 2.2 * len(groups)), layout="constrained")
+    axes = figure.subplots(len(groups), 2, squeeze=False)
+    for r, (level, name, tasks) in enumerate(groups):
+        rows = table[(table["level"] == level) & (table["name"] == name)].sort_values("window")
+        baselines = improvement[(improvement["level"] == level) & (improvement["name"] == name)]
+        for c, metric in enumerate(["mtv", "instability"]):
+            ax = axes[r][c]
+            top = 0.0
+            for method in methods:
+                method_rows = rows[rows["method"] == method]
+                baseline = baselines.loc[baselines["method"] == method, f"{metric}_raw"]
+                if not plan.covered_tasks(method, tasks) or method_rows.empty or baseline.empty:
+                    continue
+                values = [float(baseline.iloc[0]), *method_rows[metric]]
+                ax.plot([1, *method_rows["window"]], values, color=METHOD_COLORS[method], **METHOD_STYLES[method])
+                top = max(top, *values)
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(windows, [str(w) for w in windows])
+            ax.minorticks_off()
+            ax.set_ylim(0, 1.15 * top or 1)
+            ax.tick_params(labelsize=8)
+            ax.set_title(f"{name}: {'MTV' if metric == 'mtv' else 'instability'}", fontsize=10)
+            if r == len(groups) - 1:
+                ax.set_xlabel("window n")
+    handles = [Line2D([], [], color=METHOD_COLORS[m], label=m, **METHOD_STYLES[m]) for m in methods]
+    if handles:
+        figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
+    return figure
+
+
+def variant_label(method: str, window: int) -> str:
+    return RAW if method == RAW else f"{method} n={window}"
+
+
+def flips_figure(table: pd.DataFrame, tasks: list[str]) -> MplFigure:
+    """The share of examples that ever flip in the final segment, per task and method/window."""
+    rows = table[table["level"] == "task"]
+    variants = sorted(set(zip(rows["method"], rows["window"])), key=lambda v: (METHODS.index(v[0]), v[1]))
+    palette = {}
+    for method in METHODS:
+        windows = [w for m, w in variants if m == method]
+        shades = sns.light_palette(METHOD_COLORS[method], len(windows) + 2)[2:]
+        palette.update({variant_label(method, w): shade for w, shade in zip(windows, shades)})
+    data = rows.assign(variant=[variant_label(m, w) for m, w in zip(rows["method"], rows["window"])])
+    figure = MplFigure(figsize=(min(14.0, max(6.0, 1.5 + 0.12 * len(tasks) * len(variants))), 3.6),
+                       layout="constrained")
+    ax = figure.subplots()
+    sns.barplot(data, x="name", y="ever_flipped", hue="variant", order=tasks, hue_order=list(palette),
+                palette=palette, ax=ax)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.get_legend().remove()
+    figure.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 7), fontsize=8, frameon=False)
+    ax.set_xlabel("")
+    ax.set_ylabel("share of examples that\never flip (final segment)", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.tick_params(axis="x", labelrotation=30 if len(tasks) > 4 else 0, labelsize=8)
+    return figure
+
+
+def indicators_figure(table: pd.DataFrame) -> MplFigure:
+    """Pairwise accuracy of the proxies: the best score proxies, every 1/PPL proxy and the comparator."""
+    rows = pd.concat([table[table["kind"] == "score"].head(INDICATOR_SCORE_PROXIES), table[table["kind"] != "score"]])
+    rows = rows.dropna(subset=["pairwise_accuracy"]).sort_values("pairwise_accuracy", ascending=False)
+    figure = MplFigure(figsize=(7.5, 1.0 + 0.26 * len(rows)), layout="constrained")
+    ax = figure.subplots()
+    colors = [INDICATOR_COLORS[kind] for kind in rows["kind"]]
+    ax.barh(rows["proxy"], rows["pairwise_accuracy"], xerr=rows["spread"].fillna(0), color=colors)
+    ax.axvline(0.5, color="#555555", ls="--", lw=1)
+    ax.text(0.5, -0.9, " chance", fontsize=8, color="#555555", va="bottom")
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("pairwise accuracy (share of model pairs ordered as the target)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(handles=[Patch(color=color, label=kind) for kind, color in INDICATOR_COLORS.items()
+                       if kind in set(rows["kind"])], fontsize=8, loc="lower right")
+    return figure
+
+
+def example_heatmap(task: str, segment: list[int], raw: RawTask) -> tuple[MplFigure, dict]:
+    """Correct/incorrect per example and step for the examples whose raw score changes most often,
+    ranked by changes in the final segment, then over all steps (the evaluated ones)."""
+    steps = raw.steps
+    segment = [step for step in segment if step in steps]
+    changed = np.diff(raw.scores, axis=0) != 0
+    in_segment = changed[len(steps) - len(segment):].sum(axis=0)
+    overall = changed.sum(axis=0)
+    order = np.lexsort((raw.example_ids, -overall, -in_segment))
+    chosen = [i for i in order[:HEATMAP_EXAMPLES] if overall[i] > 0]
+    shown_steps = steps[-max(HEATMAP_STEPS, len(segment)):]
+    stats = {"task": task, "examples": len(raw.example_ids), "shown": len(chosen),
+             "flipped_all": float((overall > 0).mean()), "flipped_segment": float((in_segment > 0).mean()),
+             "most_changes": int(overall.max())}
+    figure = MplFigure(figsize=(min(14.0, 2.8 + 0.2 * len(shown_steps)), 1.4 + 0.24 * max(len(chosen), 1)),
+                       layout="constrained")
+    ax = figure.subplots()
+    if not chosen:
+        ax.text(0.5, 0.5, "no example changes its score", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return figure, stats
+    frame = pd.DataFrame(raw.scores[-len(shown_steps):, chosen].T, columns=shown_steps,
+                         index=[f"#{raw.example_ids[i]} ({overall[i]}×)" for i in chosen])
+    sns.heatmap(frame, ax=ax, cmap=SCORE_COLORS, vmin=0, vmax=1, linewidths=0.3, linecolor="white",
+                xticklabels="auto", yticklabels=True, cbar_kws={"label": "score (1 = correct)", "shrink": 0.8})
+    boundary = len(shown_steps) - len(segment)
+    ax.axvline(boundary, color="black", lw=2)
+    ax.annotate("final segment", xy=(boundary + len(segment) / 2, 1.0), xycoords=("data", "axes fraction"),
+                xytext=(0, 2), textcoords="offset points", ha="center", va="bottom", fontsize=8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("example (score changes)")
+    ax.tick_params(labelsize=7)
+    return figure, stats

@@ -1,0 +1,142 @@
+"""The page: each run's section and the indicators section, assembled from the figures, summary and
+tables, rendered with the templates, and written with its figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import seaborn as sns
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from ckpt_stability.atomic import atomic_directory, write_text
+from ckpt_stability.errors import InputError
+from ckpt_stability.plan import Plan
+from ckpt_stability.stability import excluded_models
+from ckpt_stability.report.style import (HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_SCORE_PROXIES, METHODS,
+                                         METHOD_LABELS, RAW)
+from ckpt_stability.report.inputs import RawTask, ScoreSeries, read_raw, read_csv_table
+from ckpt_stability.report.figures import (FigureWriter, example_heatmap, flips_figure, indicators_figure, safe_name,
+                                           trajectory_figure, window_figure)
+from ckpt_stability.report.tables import STABILITY_SHOWN, INDICATOR_COLUMNS, IMPROVEMENT_SHOWN, table_cell, html_table
+from ckpt_stability.report.summary import summarise
+from ckpt_stability.report.provenance import settings_section
+
+
+def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFrame, improvement: pd.DataFrame,
+                raw: dict[str, RawTask], figures: FigureWriter) -> dict:
+    table = stability[stability["run"] == run]
+    series = ScoreSeries(scores, run)
+    tasks = list(plan.tasks)
+    categories = list(dict.fromkeys(plan.tasks[task].category for task in tasks))
+    groups = [("overall", "overall", tasks)] + [
+        ("category", category, [t for t in tasks if plan.tasks[t].category == category]) for category in categories]
+    directory = safe_name(run)
+    segment = plan.segment(run)
+    segment_text = f"steps {segment[0]}–{segment[-1]}, {len(segment)} checkpoints"
+
+    trajectories = [
+        figures.save(trajectory_figure(plan, run, series, [(f"{t} ({plan.tasks[t].category})", [t]) for t in tasks]),
+                     f"{directory}/trajectories_tasks", "Score per task",
+                     f"Each panel: the raw checkpoints (dark) and every window of one method; the shaded band is the "
+                     f"final segment ({segment_text}), on which the stability metrics are computed."),
+        figures.save(trajectory_figure(plan, run, series, [(name, group) for _, name, group in groups]),
+                     f"{directory}/trajectories_categories", "Score overall and per category",
+                     "The mean of the tasks' scores. In the prob column, raw is averaged over the same (choice) tasks "
+                     "as prob, so the lines are comparable."),
+    ]
+    improvement = improvement[improvement["run"] == run]
+    by_window = figures.save(
+        window_figure(plan, table, improvement, groups), f"{directory}/stability_by_window",
+        "MTV and instability against the window size",
+        "Lower is steadier. Every line starts at n = 1 from the raw checkpoints on the method's own tasks "
+        "(a window of one checkpoint is the raw checkpoint).")
+    flips = figures.save(flips_figure(table, tasks), f"{directory}/ever_flipped",
+                         "Share of examples whose score ever changes in the final segment",
+                         "Per task, for the raw checkpoints and every method and window.")
+    heatmaps, flip_stats = [], []
+    for task in tasks:
+        figure, stats = example_heatmap(task, segment, raw[task])
+        heatmaps.append(figures.save(
+            figure, f"{directory}/examples_{safe_name(task)}", task,
+            f"{stats['shown']} of {stats['examples']} examples; {stats['flipped_all']:.0%} of the examples change "
+            f"their score at least once over the run, {stats['flipped_segment']:.0%} in the final segment."))
+        flip_stats.append(stats)
+    return {
+        "name": run,
+        "anchor": safe_name(run),
+        "segment_text": segment_text,
+        "summary": summarise(plan, run, series, table, improvement),
+        "excluded": excluded_models(scores[scores["run"] == run]).to_dict("records"),
+        "trajectories": trajectories,
+        "by_window": by_window,
+        "flips": flips,
+        "heatmaps": heatmaps,
+        "flip_stats": flip_stats,
+        "heatmap_steps": HEATMAP_STEPS,
+        "heatmap_examples": HEATMAP_EXAMPLES,
+        "stability_groups": html_table(table[table["level"] != "task"], STABILITY_SHOWN),
+        "stability_tasks": html_table(table[table["level"] == "task"], STABILITY_SHOWN),
+        "improvement_groups": html_table(improvement[improvement["level"] != "task"], IMPROVEMENT_SHOWN),
+        "improvement_tasks": html_table(improvement[improvement["level"] == "task"], IMPROVEMENT_SHOWN),
+    }
+
+
+def indicators_section(table: pd.DataFrame, figures: FigureWriter) -> dict:
+    scores = table[table["kind"] == "score"].dropna(subset=["pairwise_accuracy"])
+    perplexity = table[table["kind"] == "perplexity"].dropna(subset=["pairwise_accuracy"])
+    comparator = table[table["kind"] == "comparator"].dropna(subset=["pairwise_accuracy"])
+    raw = scores[scores["method"] == RAW]
+    stabilised = scores[scores["method"] != RAW]
+    return {
+        "target": table["target"].iloc[0] if len(table) else "",
+        "best": scores.iloc[0].to_dict() if len(scores) else None,
+        "best_raw": raw.iloc[0].to_dict() if len(raw) else None,
+        "best_stabilised": stabilised.iloc[0].to_dict() if len(stabilised) else None,
+        "perplexity": perplexity.iloc[0].to_dict() if len(perplexity) else None,
+        "comparator": comparator.iloc[0].to_dict() if len(comparator) else None,
+        "figure": figures.save(indicators_figure(table), "indicators/pairwise_accuracy",
+                               "Pairwise accuracy of the proxies",
+                               f"The {INDICATOR_SCORE_PROXIES} best score proxies, every 1/PPL proxy and the learned "
+                               f"comparator (its bar: the mean over random splits of the models, with their "
+                               f"standard deviation). Chance is 0.5."),
+        "table": {"columns": INDICATOR_COLUMNS,
+                  "rows": [[table_cell(column, value) for column, value in zip(INDICATOR_COLUMNS, row)]
+                           for row in table[INDICATOR_COLUMNS].itertuples(index=False)]},
+    }
+
+
+def template_environment() -> Environment:
+    environment = Environment(loader=PackageLoader("ckpt_stability", "templates"), autoescape=True,
+                              undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    environment.filters["score"] = lambda value: f"{value:.3f}"
+    environment.filters["num"] = lambda value: f"{value:.3g}"
+    environment.filters["percent"] = lambda value: f"{value:.0%}"
+    return environment
+
+
+def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output: Path) -> None:
+    """Write ``output`` (the HTML page) and its figures under ``figures/`` beside it; the indicators
+    section when ``tables`` holds indicators.csv."""
+    plan = Plan.from_json(plan)
+    scores_frame = pd.read_parquet(scores)
+    stability = read_csv_table(tables / "stability.csv")
+    improvement = read_csv_table(tables / "improvement.csv")
+    try:
+        settings_data = json.loads(Path(settings).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise InputError(f"{settings}: unreadable evaluation settings ({error})") from None
+    raw = {run: read_raw(plan, run) for run in plan.runs}
+    with (sns.axes_style("whitegrid"), sns.plotting_context("paper"),
+          atomic_directory(output.parent / "figures") as directory):
+        writer = FigureWriter(directory, "figures")
+        runs = [run_section(plan, run, scores_frame, stability, improvement, raw[run], writer) for run in plan.runs]
+        indicators = (indicators_section(pd.read_csv(tables / "indicators.csv", dtype={"task": str, "target": str}),
+                                         writer)
+                      if (tables / "indicators.csv").is_file() else None)
+    settings_view, warnings = settings_section(plan, settings_data, raw)
+    page = template_environment().get_template("report.html.j2").render(
+        runs=runs, indicators=indicators, settings=settings_view, warnings=warnings, tasks=list(plan.tasks),
+        methods=[m for m in METHODS if m == RAW or m in plan.methods], method_labels=METHOD_LABELS, raw_method=RAW)
+    write_text(output, page)

@@ -1,0 +1,55 @@
+"""The summary at the top of each run's section: every method and window against raw, the steadiest of
+them, and each method's best checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ckpt_stability.plan import Plan
+from ckpt_stability.report.style import RAW, METHODS, METHOD_LABELS
+from ckpt_stability.report.inputs import ScoreSeries
+
+
+def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame, improvement: pd.DataFrame) -> dict:
+    """Every method and window against raw on the same tasks (overall, from the improvement table), the
+    steadiest of them, and the best checkpoint of each method over the whole run."""
+    overall = table[table["level"] == "overall"].set_index(["method", "window"])
+    against_raw = improvement[improvement["level"] == "overall"].set_index(["method", "window"])
+    variants = []
+    for method, window, _, tasks in plan.series(run)[1:]:
+        if not tasks:
+            continue
+        row, baseline = overall.loc[(method, window)], against_raw.loc[(method, window)]
+        variants.append({"method": method, "window": window, "choice_only": len(tasks) < len(plan.tasks),
+                         "mtv": float(row["mtv"]), "raw_mtv": float(baseline["mtv_raw"]),
+                         "mtv_ratio": float(baseline["mtv_ratio"]),
+                         "instability": float(row["instability"]),
+                         "raw_instability": float(baseline["instability_raw"]),
+                         "instability_ratio": float(baseline["instability_ratio"])})
+
+    def steadiness(variant: dict) -> float:  # no ratio (raw's MTV is 0): nothing to improve on
+        return variant["mtv_ratio"] if np.isfinite(variant["mtv_ratio"]) else np.inf
+
+    steadiest = min(variants, key=steadiness, default=None)
+    if steadiest is not None and not steadiness(steadiest) < 1:
+        steadiest = None
+
+    methods = []
+    for method in [m for m in METHODS if m == RAW or m in plan.methods]:
+        tasks = plan.covered_tasks(method)
+        windows = [1] if method == RAW else sorted(w for w in plan.windows if w > 1)
+        if not tasks or not windows:
+            continue
+        best = None
+        for window in windows:
+            values = series.mean(method, window, tasks)
+            if best is None or values.max() > best["score"]:
+                best = {"step": int(values.idxmax()), "window": window, "score": float(values.max())}
+        mine = [v for v in variants if v["method"] == method]
+        methods.append({"method": method, "label": METHOD_LABELS[method], "choice_only": len(tasks) < len(plan.tasks),
+                        "best": best, "steadiest": min(mine, key=steadiness, default=None)})
+    raw_overall = overall.loc[(RAW, 1)]
+    return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": plan.segment(run),
+            "raw_mtv": float(raw_overall["mtv"]), "raw_instability": float(raw_overall["instability"]),
+            "raw_flipped": float(raw_overall["ever_flipped"])}

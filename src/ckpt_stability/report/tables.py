@@ -1,0 +1,40 @@
+"""The report's sortable tables: which columns it shows, and how each cell reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from ckpt_stability.stability import IMPROVEMENT_COLUMNS, KEYS, STABILITY_COLUMNS
+from ckpt_stability.report.style import METHODS
+
+STABILITY_SHOWN = [*KEYS[1:], *STABILITY_COLUMNS, "excluded_steps"]
+"""the stability table's columns in the report (the run is that of its section)"""
+INDICATOR_COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
+                     "kendall_tau", "spread"]
+IMPROVEMENT_SHOWN = [*KEYS[1:], *IMPROVEMENT_COLUMNS]
+
+
+def table_cell(column: str, value) -> dict:
+    if isinstance(value, (float, np.floating)):
+        if np.isnan(value):
+            return {"text": "–", "value": "", "class": "number"}
+        css = "number"
+        if column.endswith("_ratio"):
+            css += " better" if value < 1 else " worse" if value > 1 else ""
+        elif column == "delta_mean_score":
+            css += " better" if value > 0 else " worse" if value < 0 else ""
+        return {"text": f"{value:.4g}", "value": repr(float(value)), "class": css}
+    if isinstance(value, (int, np.integer)):
+        return {"text": str(value), "value": str(value), "class": "number"}
+    return {"text": str(value), "value": str(value), "class": ""}
+
+
+def html_table(frame: pd.DataFrame, columns: list[str]) -> dict:
+    order = {"overall": 0, "category": 1, "task": 2}
+    frame = frame.sort_values(["level", "name", "method", "window"],
+                              key=lambda col: col.map(order) if col.name == "level" else
+                              col.map(METHODS.index) if col.name == "method" else col)
+    return {"columns": columns,
+            "rows": [[table_cell(column, value) for column, value in zip(columns, row)]
+                     for row in frame[columns].itertuples(index=False)]}
