@@ -30,6 +30,7 @@ from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, STABIL
 from ckpt_stability.plan import Plan
 from ckpt_stability.metrics import DEFAULT_STOP
 
+
 def config_error(key, message):
     """A config mistake, naming the file and the key that hold it."""
     files = workflow.overwrite_configfiles or workflow.configfiles  # --configfile replaces the default
