@@ -169,6 +169,20 @@ class _Shard:
     """bytes of tensor data after the header"""
 
 
+def average_or_record(members: list[Path], output: Path, *, record_unusable: bool, **options) -> None:
+    """``average_checkpoints``; where a member is unusable (non-finite or broken weights) and
+    ``record_unusable`` is set, the output directory holds only the reason (``outcomes``) instead."""
+    from ckpt_stability.outcomes import write_excluded_directory
+
+    try:
+        average_checkpoints(members, output, **options)
+    except UnusableCheckpoint as error:
+        if not record_unusable:
+            raise
+        write_excluded_directory(Path(output), f"not built: {error}")
+        log.warning("%s: not built: %s", output, error)
+
+
 def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None = None,
                         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
                         threads: int | None = None) -> dict:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ckpt_stability import __version__
-from ckpt_stability.errors import InputError, UnusableCheckpoint, reported
+from ckpt_stability.errors import InputError, reported
 from ckpt_stability.methods import ENSEMBLE, produced_by
 
 log = logging.getLogger("ckpt_stability")
@@ -62,18 +62,11 @@ def _size(text: str) -> int:
 
 
 def _average(args: argparse.Namespace) -> None:
-    from ckpt_stability.averaging import average_checkpoints
-    from ckpt_stability.outcomes import write_excluded_directory
+    from ckpt_stability.averaging import average_or_record
 
-    steps = _steps(args.steps) if args.steps else None
-    try:
-        average_checkpoints([Path(p) for p in args.checkpoints], Path(args.output), dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, steps=steps, threads=args.threads)
-    except UnusableCheckpoint as error:
-        if not args.record_unusable:
-            raise
-        write_excluded_directory(Path(args.output), f"not built: {error}")
-        log.warning("%s: not built: %s", args.output, error)
+    average_or_record([Path(p) for p in args.checkpoints], Path(args.output), record_unusable=args.record_unusable,
+                      dtype=args.dtype, max_shard_size=args.max_shard_size,
+                      steps=_steps(args.steps) if args.steps else None, threads=args.threads)
 
 
 def _evaluation_job(args: argparse.Namespace):
@@ -309,7 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="the HTML report with its figures")
     report.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
     report.add_argument("--scores", required=True, help="the scores table (results/scores.parquet)")
-    report.add_argument("--tables", required=True, help="directory of stability.csv, improvement.csv and (optional) indicators.csv")
+    report.add_argument("--tables", required=True,
+                        help="directory of stability.csv, improvement.csv and (optional) indicators.csv")
     report.add_argument("--settings", required=True,
                         help="the evaluation settings (results/evaluation_settings.json)")
     report.add_argument("--output", required=True,

@@ -209,7 +209,7 @@ def _examples(path: Path, items: Any, key: str) -> tuple[Example, ...]:
         raise InputError(f"{path}: {key} must be a list of {{\"input\", \"output\"}} objects")
     examples = []
     for index, item in enumerate(items):
-        if not isinstance(item, dict) or not isinstance(item.get("input"), str) or not isinstance(item.get("output"), str):
+        if not (isinstance(item, dict) and isinstance(item.get("input"), str) and isinstance(item.get("output"), str)):
             raise InputError(f"{path}: {key}[{index}] must be an object with string fields input and output")
         examples.append(Example(item["input"], item["output"]))
     return tuple(examples)
