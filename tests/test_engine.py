@@ -3,10 +3,12 @@ the same results as a cold process per model; it is private, ends when idle or w
 crash fails only the job in flight."""
 
 import json
+import logging
 import os
 import re
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import tempfile
@@ -22,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from ckpt_stability.backends.base import WeightsNotSwappable
 from ckpt_stability.backends.transformers import TransformersBackend
+from ckpt_stability.engine import _Relay, slot_name, take_slot
 from ckpt_stability.predictions import read_predictions
 from helpers import cli, cli_command, small_config, snakemake
 
@@ -34,8 +37,16 @@ def evaluate_args(model, output, demo, *extra):
             "--perplexity-text", demo / "heldout.txt", "--perplexity-output", f"{output}.json", *extra]
 
 
-def engine_args(idle_timeout=30):
+def engine_args(idle_timeout=600):
+    """Long enough that no engine ends by itself during a test on a busy machine; each test stops its own."""
     return ["--engine", "--engine-idle-timeout", str(idle_timeout)]
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """The working directory of a test's jobs: its engines are stopped at the end, whatever happened."""
+    yield tmp_path
+    cli("engine", "stop", cwd=tmp_path)
 
 
 def assert_same_results(first: Path, second: Path):
@@ -79,24 +90,23 @@ def models(tiny_demo, tmp_path_factory) -> list[Path]:
     return [checkpoints / "checkpoint-10", averaged, checkpoints / "checkpoint-20", checkpoints / "checkpoint-40"]
 
 
-def test_a_swapped_engine_gives_bitwise_the_results_of_a_cold_process(models, tiny_demo, tiny_model_dir, tmp_path):
+def test_a_swapped_engine_gives_bitwise_the_results_of_a_cold_process(models, tiny_demo, tiny_model_dir, workdir):
     # the last model has another architecture and tokenizer: the engine builds it anew
     sequence = [*models, tiny_model_dir]
     logs = []
     for number, model in enumerate(sequence):
-        cold = cli(*evaluate_args(model, tmp_path / f"cold{number}", tiny_demo), cwd=tmp_path)
+        cold = cli(*evaluate_args(model, workdir / f"cold{number}", tiny_demo), cwd=workdir)
         assert cold.returncode == 0, cold.stderr
-        warm = cli(*evaluate_args(model, tmp_path / f"engine{number}", tiny_demo), *engine_args(), cwd=tmp_path)
+        warm = cli(*evaluate_args(model, workdir / f"engine{number}", tiny_demo), *engine_args(), cwd=workdir)
         assert warm.returncode == 0, warm.stderr
         logs.append(warm.stderr)
-        assert_same_results(tmp_path / f"cold{number}", tmp_path / f"engine{number}")
+        assert_same_results(workdir / f"cold{number}", workdir / f"engine{number}")
     assert len(engine_pids("".join(logs))) == 1
     assert "loaded with the transformers backend" in logs[0]
     assert all("swapped in" in log for log in logs[1:4]), logs
     assert "loaded with the transformers backend" in logs[4] and "swapped in" not in logs[4]
     # each job's log holds its own model's lines
     assert all(f"{sequence[n]}" in log and "demo_colors: exact_match" in log for n, log in enumerate(logs))
-    cli("engine", "stop", cwd=tmp_path)
 
 
 def test_a_swap_sets_every_weight_and_refuses_a_checkpoint_missing_one(models, tmp_path):
@@ -123,59 +133,57 @@ def test_a_swap_sets_every_weight_and_refuses_a_checkpoint_missing_one(models, t
     assert all(torch.equal(before[name], tensor) for name, tensor in backend.model.state_dict().items())
 
 
-def test_a_killed_engine_fails_only_the_job_in_flight(models, tiny_demo, tmp_path):
-    first = cli(*evaluate_args(models[0], tmp_path / "first", tiny_demo), *engine_args(), cwd=tmp_path)
+def test_a_killed_engine_fails_only_the_job_in_flight(models, tiny_demo, workdir):
+    first = cli(*evaluate_args(models[0], workdir / "first", tiny_demo), *engine_args(), cwd=workdir)
     assert first.returncode == 0, first.stderr
     (pid,) = engine_pids(first.stderr)
-    long_text = tmp_path / "long.txt"  # a job that lasts long enough to be killed in the middle
+    long_text = workdir / "long.txt"  # a job that lasts long enough to be killed in the middle
     long_text.write_text((tiny_demo / "heldout.txt").read_text() * 40)
-    args = evaluate_args(models[1], tmp_path / "second", tiny_demo)
+    args = evaluate_args(models[1], workdir / "second", tiny_demo)
     args[args.index("--perplexity-text") + 1] = long_text
-    job = subprocess.Popen(cli_command(*args, *engine_args()), cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cli_command(*args, *engine_args()), cwd=workdir, stderr=subprocess.PIPE, text=True)
     for line in job.stderr:
         if re.search(rf"evaluation engine {pid} \(slot \w+\): job 2", line):
             os.kill(pid, signal.SIGKILL)
             break
     assert job.wait(timeout=60) == 1
     assert "ended while evaluating" in job.stderr.read()
-    rerun = cli(*args, *engine_args(), cwd=tmp_path)
+    rerun = cli(*args, *engine_args(), cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr
     assert len(engine_pids(rerun.stderr)) == 1 and engine_pids(rerun.stderr) != [pid]
-    cli("engine", "stop", cwd=tmp_path)
 
 
-def test_a_killed_job_leaves_nothing_behind_and_the_engine_serves_the_next(models, tiny_demo, tmp_path):
-    first = cli(*evaluate_args(models[0], tmp_path / "first", tiny_demo), *engine_args(), cwd=tmp_path)
+def test_a_killed_job_lets_its_engine_serve_the_next_with_the_model_it_holds(models, tiny_demo, workdir):
+    first = cli(*evaluate_args(models[0], workdir / "first", tiny_demo), *engine_args(), cwd=workdir)
     (pid,) = engine_pids(first.stderr)
-    job = subprocess.Popen(cli_command(*evaluate_args(models[1], tmp_path / "killed", tiny_demo), *engine_args()),
-                           cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(cli_command(*evaluate_args(models[1], workdir / "killed", tiny_demo), *engine_args()),
+                           cwd=workdir, stderr=subprocess.PIPE, text=True)
     for line in job.stderr:
         if "job 2" in line:
             job.kill()
             break
     job.wait()
-    engine_log = next((tmp_path / "logs" / "engine").iterdir())
+    engine_log = next((workdir / "logs" / "engine").iterdir())
     deadline = time.monotonic() + 60
     while "is gone" not in engine_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert "is gone; its outputs were deleted" in engine_log.read_text()
-    assert not list((tmp_path / "killed").glob("*.parquet")) and not (tmp_path / "killed.json").exists()
-    following = cli(*evaluate_args(models[2], tmp_path / "following", tiny_demo), *engine_args(), cwd=tmp_path)
+    assert "is gone: stopped working for it" in engine_log.read_text()
+    following = cli(*evaluate_args(models[2], workdir / "following", tiny_demo), *engine_args(), cwd=workdir)
     assert following.returncode == 0, following.stderr
-    assert not engine_pids(following.stderr) and alive(pid)
-    cli("engine", "stop", cwd=tmp_path)
+    # the same engine, and the model it held is swapped, not rebuilt
+    assert not engine_pids(following.stderr) and alive(pid) and "swapped in" in following.stderr
 
 
-def test_an_idle_engine_ends_and_its_socket_is_private(models, tiny_demo, tmp_path):
-    result = cli(*evaluate_args(models[0], tmp_path / "out", tiny_demo), *engine_args(idle_timeout=1), cwd=tmp_path)
+def test_an_idle_engine_ends_and_its_socket_is_private(models, tiny_demo, workdir):
+    result = cli(*evaluate_args(models[0], workdir / "out", tiny_demo), *engine_args(idle_timeout=1), cwd=workdir)
     assert result.returncode == 0, result.stderr
     (pid,) = engine_pids(result.stderr)
-    engine_log = next((tmp_path / "logs" / "engine").iterdir()).read_text()
+    engine_log = next((workdir / "logs" / "engine").iterdir()).read_text()
     socket_path = Path(re.search(r"listening on (\S+)", engine_log).group(1))
     for directory in (socket_path.parent, socket_path.parent.parent):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
     assert ended(pid) and not socket_path.exists()
-    assert "idle for 1 s: ending" in next((tmp_path / "logs" / "engine").iterdir()).read_text()
+    assert "idle for 1 s: ended" in next((workdir / "logs" / "engine").iterdir()).read_text()
 
 
 def test_a_directory_others_may_enter_is_refused(models, tiny_demo, tmp_path):
@@ -200,7 +208,8 @@ def test_the_workflow_gives_the_same_results_with_and_without_engines(tiny_demo,
     for enabled in (True, False):
         workdir = tmp_path / f"engine-{enabled}"
         workdir.mkdir()
-        config = {**small_config(tiny_demo / "checkpoints", tiny_demo / "tasks"), "engine": {"enabled": enabled}}
+        config = {**small_config(tiny_demo / "checkpoints", tiny_demo / "tasks"),
+                  "engine": {"enabled": enabled, "idle_timeout": 600}}
         (workdir / "config.yaml").write_text(yaml.safe_dump(config))
         result = snakemake(workdir)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -215,3 +224,33 @@ def test_the_workflow_gives_the_same_results_with_and_without_engines(tiny_demo,
         else:
             assert not started and "swapped in" not in evaluation_logs
     pd.testing.assert_frame_equal(scores[True], scores[False])
+    # the engine changes no result: turning it off (or changing its settings) redoes nothing
+    workdir = tmp_path / "engine-True"
+    config = yaml.safe_load((workdir / "config.yaml").read_text())
+    (workdir / "config.yaml").write_text(yaml.safe_dump({**config, "engine": {"enabled": False}}))
+    dry_run = snakemake(workdir, "--dry-run")
+    assert dry_run.returncode == 0 and "Nothing to be done" in dry_run.stdout + dry_run.stderr, dry_run.stdout
+
+
+def test_any_gpu_id_makes_a_slot_name_and_every_slot_of_a_directory_is_exclusive(tmp_path):
+    names = [slot_name(gpu) for gpu in ("0", "MIG-GPU-6b6ab1f0-3f4e/1/0", "GPU-6b6ab1f0-3f4e-4a8e-9f0e-1c2d3e4f5a6b")]
+    assert names[0] == "gpu0" and all(re.fullmatch(r"gpu-?[0-9a-z]{1,12}", name) for name in names)
+    first = take_slot(tmp_path, None)
+    second = take_slot(tmp_path, None)
+    assert (first.name, second.name) == ("cpu000", "cpu001")
+    first.release()
+    assert take_slot(tmp_path, None).name == "cpu000"
+    assert take_slot(tmp_path, "MIG-GPU-6b6ab1f0-3f4e/1/0").lock_path.parent == tmp_path
+
+
+def test_a_malformed_log_call_in_a_job_does_not_fail_it():
+    """As with logging to a stream in the job's own process: reported, and the job goes on."""
+    ours, theirs = socket.socketpair()
+    with ours.makefile("rwb") as stream:
+        relay = _Relay(stream)
+        relay.handleError = lambda record: None  # logging's own report goes to stderr
+        relay.emit(logging.LogRecord("ckpt_stability", logging.INFO, __file__, 1, "%d models", ("many",), None))
+        relay.emit(logging.LogRecord("ckpt_stability", logging.INFO, __file__, 1, "a path %s", ("caf\udce9",), None))
+    theirs.settimeout(5)
+    received = theirs.recv(4096).decode()
+    assert json.loads(received)["log"].endswith("a path caf\udce9")

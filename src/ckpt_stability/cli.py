@@ -51,6 +51,17 @@ def _meta(items: list[str]) -> dict:
     return meta
 
 
+def _seconds(text: str) -> float:
+    """A positive number of seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     """A byte count like 5GB, 500MB, 2GiB or 1000000."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -85,14 +96,20 @@ def _evaluation_job(args: argparse.Namespace):
 
 def _evaluate(args: argparse.Namespace) -> None:
     from ckpt_stability.backends import may_use_vllm
+    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT
     from ckpt_stability.gpus import claim_gpu
 
+    from ckpt_stability.engine import settings_from_environment
+
     job = _evaluation_job(args)
+    engine = settings_from_environment()  # the workflow's, unless given here
+    idle_timeout = args.engine_idle_timeout or engine.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
+    with_vllm = args.engine_vllm or engine.get("vllm", False)
     gpu = claim_gpu()  # before anything initialises CUDA: one GPU per job on a multi-GPU machine
-    if args.engine and (args.engine_vllm or not may_use_vllm(args.backend)):
+    if (args.engine or engine) and (with_vllm or not may_use_vllm(args.backend)):
         from ckpt_stability.engine import evaluate_in_engine
 
-        code = evaluate_in_engine(job, args.engine_idle_timeout, Path(args.engine_log_dir), gpu)
+        code = evaluate_in_engine(job, idle_timeout, Path(args.engine_log_dir), gpu)
         if code:
             raise SystemExit(code)
         return
@@ -169,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from ckpt_stability.demo import MODEL_SIZES, DemoSettings
-    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT
+    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT, ENVIRONMENT
     from ckpt_stability.tasks import FEW_SHOT_SOURCES
 
     defaults = DemoSettings()
@@ -241,10 +258,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "its outputs without results, holding the reason, and exit 0")
     evaluate.add_argument("--engine", action="store_true",
                           help="evaluate in the evaluation engine of this job's slot (started when none runs), "
-                               "which keeps the model loaded for the next job; not with vLLM unless "
-                               "--engine-vllm")
+                               f"which keeps the model loaded for the next job; not with vLLM unless "
+                               f"--engine-vllm. Also on when the environment variable {ENVIRONMENT} holds engine "
+                               f"settings, as the workflow sets it from its config key engine")
     evaluate.add_argument("--engine-vllm", action="store_true", help="use the engine with the vllm backend too")
-    evaluate.add_argument("--engine-idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS",
+    evaluate.add_argument("--engine-idle-timeout", type=_seconds, metavar="SECONDS",
                           help=f"an engine started by this job ends after this long without a job "
                                f"(default {DEFAULT_IDLE_TIMEOUT:.0f})")
     evaluate.add_argument("--engine-log-dir", default="logs/engine",
@@ -256,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = engine_commands.add_parser("serve", help="run an engine (what `evaluate --engine` starts)")
     serve.add_argument("--socket", required=True, help="the Unix socket to listen on")
     serve.add_argument("--lock", required=True, help="the slot's lock file, held by the job being served")
-    serve.add_argument("--idle-timeout", type=float, default=DEFAULT_IDLE_TIMEOUT, metavar="SECONDS")
+    serve.add_argument("--idle-timeout", type=_seconds, required=True, metavar="SECONDS")
     engine_commands.add_parser("stop", help="end the engines serving jobs in the current directory")
     engine.set_defaults(handler=_engine)
 

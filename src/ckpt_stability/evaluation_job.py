@@ -54,11 +54,6 @@ class EvaluationJob:
                       "task_files": TaskFiles(**{**task_files, "paths": tuple(task_files["paths"])})
                       if task_files else None})
 
-    def outputs(self, task_names: list[str]) -> list[Path]:
-        """The files this job writes."""
-        files = [Path(self.output_dir) / f"{name}.parquet" for name in task_names]
-        return files + ([Path(self.perplexity_output)] if self.perplexity_output else [])
-
 
 def load_settings(job: EvaluationJob):
     from ckpt_stability.evaluate import EvaluationSettings

@@ -44,9 +44,11 @@ TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EIO, errno.EDQUO
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` says the process or its GPU ran out of memory (torch raises a RuntimeError, or its
-    OutOfMemoryError subclass, whose message says so)."""
-    message = str(error)
-    return isinstance(error, MemoryError) or "out of memory" in message.lower() or "can't allocate" in message
+    OutOfMemoryError subclass, whose message says so; vLLM a ValueError when the GPU's free memory is
+    short of what it wants at start, e.g. while another process still lets go of it)."""
+    message = str(error).lower()
+    return (isinstance(error, MemoryError) or "out of memory" in message or "can't allocate" in message
+            or "less than desired gpu memory utilization" in message)
 
 
 def loading_failure(error: Exception, model_dir: Path) -> UnusableCheckpoint | None:

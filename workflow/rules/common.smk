@@ -22,6 +22,8 @@ from ckpt_stability.config import task_path as config_task_path
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
 from ckpt_stability.demo import DemoSettings
 from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
+from ckpt_stability.engine import ENVIRONMENT as ENGINE_ENVIRONMENT
+from ckpt_stability.engine import environment_value as engine_environment_value
 from ckpt_stability.engine import stop_engines
 from ckpt_stability.errors import InputError
 from ckpt_stability import layout
@@ -225,12 +227,16 @@ def perplexity_options(wildcards, input, output):
     return f"--perplexity-text {shlex.quote(input.heldout)} --perplexity-output {shlex.quote(output.perplexity)}"
 
 
-def engine_options():
-    """The evaluate command's options for the evaluation engine (config key engine)."""
+def set_engine_environment():
+    """The evaluation engine's settings (config key engine), for the evaluation jobs, which inherit them."""
     engine = config["engine"]
-    if not engine["enabled"]:
-        return ""
-    return f"--engine --engine-idle-timeout {engine['idle_timeout']}" + " --engine-vllm" * engine["vllm"]
+    if engine["enabled"]:
+        os.environ[ENGINE_ENVIRONMENT] = engine_environment_value(engine["idle_timeout"], engine["vllm"])
+    else:
+        os.environ.pop(ENGINE_ENVIRONMENT, None)
+
+
+set_engine_environment()
 
 
 def end_engines():

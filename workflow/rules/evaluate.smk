@@ -48,6 +48,8 @@ rule evaluate:
         gpu=1 if INFERENCE_ON_GPU else 0,
         # the job's model goes through one evaluation engine (profiles/slurm: one per Slurm job)
         engine=1,
+    # the engine's settings reach the job through the environment (common.smk, set_engine_environment), not
+    # as a param: the engine changes no result, so changing its settings re-evaluates nothing
     params:
         # the members of an averaged model: a change of membership re-evaluates it
         members=window_steps,
@@ -56,13 +58,12 @@ rule evaluate:
         backend=config["backend"],
         dtype=config["dtype"],
         batch_size=config["batch_size"],
-        engine=engine_options(),
     shell:
         "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
         " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
         " --batch-size {params.batch_size} --threads {threads} --record-unusable"
         " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
-        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity} {params.engine}"
+        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity}"
         " > {log:q} 2>&1"
 
 

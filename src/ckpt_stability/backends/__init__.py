@@ -97,8 +97,9 @@ class LoadedModel:
 
     ``load`` returns a backend answering as one freshly built on the model would: the loaded one when it
     was built with the same options for a model of the same identity (``checkpoints.model_identity``:
-    architecture, tokenizer, generation files), with the new weights swapped in; else a new one, the old
-    one closed first (its memory is needed)."""
+    architecture, tokenizer, generation files), with the new weights swapped in; else, or where the swap
+    fails for any reason, a new one, the old one closed first (its memory is needed). Only a fresh load's
+    failure is the model's."""
 
     def __init__(self) -> None:
         self.backend: Backend | None = None
@@ -112,13 +113,17 @@ class LoadedModel:
         if self.backend is not None and key == self._key:
             try:
                 self.backend.swap_weights(model_dir)
-                log.info("weights of %s swapped in (%.2f s)", model_dir, time.perf_counter() - started)
-                return self.backend
             except WeightsNotSwappable as reason:
                 log.info("loading %s anew: %s", model_dir, reason)
-            except BaseException:  # a weight file that does not read, say: the loaded state is not trusted
+            except Exception as error:  # whatever it is (a broken file, the library), a fresh load tells
+                log.info("loading %s anew: the weight swap failed (%s: %s)", model_dir, type(error).__name__,
+                         str(error).splitlines()[0] if str(error) else "")
+            except BaseException:  # interrupted in the middle: the loaded state is not trusted
                 self.close()
                 raise
+            else:
+                log.info("weights of %s swapped in (%.2f s)", model_dir, time.perf_counter() - started)
+                return self.backend
         self.close()
         self.backend = load_backend(options.name, model_dir, dtype=options.dtype, batch_size=options.batch_size,
                                     threads=options.threads, add_special_tokens=options.add_special_tokens)

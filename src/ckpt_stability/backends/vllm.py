@@ -11,7 +11,9 @@
   architecture (config.json without paths), the dtype and the library versions instead.
 * ``swap_weights`` reloads another checkpoint into the running engine with vLLM's supported API
   (``collective_rpc("reload_weights")``, in place: CUDA graphs and compiled code stay valid), then resets
-  the prefix cache, which would otherwise serve keys and values computed with the old weights.
+  the prefix cache, which would otherwise serve keys and values computed with the old weights. Each swap
+  costs one pass of vLLM's weight checksums (``compute_weight_checksums``: the weights copied to the host
+  and hashed), the price of knowing that every layer was reloaded.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 
 from ckpt_stability.backends.base import (Backend, WeightsNotSwappable, continuation_split, cut_at_stop,
                                           inference_dtype)
-from ckpt_stability.checkpoints import architecture, iter_tensors, read_checkpoint_headers, read_config, weight_files
+from ckpt_stability.checkpoints import architecture, read_checkpoint_headers, read_config, weight_files
 
 def compile_cache_dir(model_dir: str, dtype: str) -> Path:
     import torch
@@ -41,15 +43,6 @@ def compile_cache_dir(model_dir: str, dtype: str) -> Path:
 def tensor_table(model_dir: str) -> dict[str, tuple]:
     """name -> (dtype, shape) of every tensor of a checkpoint, from its files' headers."""
     return {name: (entry.dtype, tuple(entry.shape)) for name, (_, entry) in read_checkpoint_headers(model_dir).items()}
-
-
-def _tensors_under(model_dir: str, module: str) -> dict[str, bytes]:
-    """The bytes of the checkpoint's tensors of one module (``model.layers.3.self_attn``)."""
-    import torch
-
-    return {name: tensor.contiguous().flatten().view(torch.uint8).numpy().tobytes()
-            for path in weight_files(model_dir) for name, tensor in iter_tensors(path)
-            if name.startswith(module + ".")}
 
 
 class VllmBackend(Backend):
@@ -74,6 +67,9 @@ class VllmBackend(Backend):
         self.context_length = self.llm.llm_engine.model_config.max_model_len - 1
         self.model_dir = model_dir
         self._tensor_table = tensor_table(model_dir)
+        self._weight_files = [(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)
+                              for path in weight_files(model_dir)]
+        self._loaded_checksums: dict[str, str] | None = None  # taken at the first swap
 
     def _checksums(self) -> dict[str, str]:
         """SHA-256 of every parameter on the GPU, by vLLM's name (its fused qkv_proj, gate_up_proj)."""
@@ -81,28 +77,36 @@ class VllmBackend(Backend):
         return {name.rsplit(":", 1)[-1]: digest for name, digest in checksums.items()}
 
     def swap_weights(self, model_dir: str) -> None:
-        """Reload ``model_dir`` into the running engine. vLLM only logs a layer the new checkpoint lacks and
-        leaves its old weights in place, so the checkpoint must hold the same tensors as the loaded one
-        (names, dtypes, shapes); after the reload, a parameter whose bytes did not change is accepted only
-        where the checkpoints' tensors of its module are equal too."""
+        """Reload ``model_dir`` into the running engine.
+
+        vLLM only logs a layer that the new checkpoint lacks, and leaves its old weights in place: the
+        checkpoint must hold the same tensors as the loaded one (names, dtypes, shapes, from its files'
+        headers). After the reload every parameter must have new bytes (vLLM's own checksums, before and
+        after): one that kept its bytes is taken for a layer that was not reloaded, and the engine is built
+        anew, which costs a start where two checkpoints share a tensor, never a wrong score. Any failure
+        is WeightsNotSwappable: the engine is then built anew."""
+        files = [(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns) for path in weight_files(model_dir)]
+        if files == self._weight_files:
+            return  # the same weights again (a retried job): nothing to reload
         table = tensor_table(model_dir)
         if table != self._tensor_table:
             differing = sorted(set(table.items()) ^ set(self._tensor_table.items()))
             raise WeightsNotSwappable(f"{model_dir} does not hold the same tensors as {self.model_dir} "
                                       f"(e.g. {differing[0][0]!r})")
         try:
-            before = self._checksums()
-        except Exception as error:  # e.g. an older vLLM without it: nothing changed yet
-            raise WeightsNotSwappable(f"vLLM cannot checksum its weights ({type(error).__name__}: {error})") from None
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
-        if not self.llm.reset_prefix_cache():
+            before = self._loaded_checksums or self._checksums()
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_path": model_dir, "is_checkpoint_format": True})
+            reset = self.llm.reset_prefix_cache()
+            after = self._checksums()
+        except Exception as error:
+            raise WeightsNotSwappable(f"vLLM's reload failed ({type(error).__name__}: {error})") from None
+        if not reset:
             raise WeightsNotSwappable("vLLM did not reset its prefix cache after the reload")
-        kept = sorted(name for name, digest in self._checksums().items() if before.get(name) == digest)
-        for module in sorted({name.rsplit(".", 2)[0] for name in kept}):
-            if _tensors_under(model_dir, module) != _tensors_under(self.model_dir, module):
-                raise WeightsNotSwappable(f"{module} kept the weights of {self.model_dir} after the reload of "
-                                          f"{model_dir}")
-        self.model_dir = model_dir
+        kept = sorted(name for name, digest in after.items() if before.get(name) == digest)
+        if kept:
+            raise WeightsNotSwappable(f"{len(kept)} parameter(s) kept their bytes after the reload of {model_dir} "
+                                      f"(e.g. {kept[0]!r})")
+        self.model_dir, self._weight_files, self._loaded_checksums = model_dir, files, after
 
     def _params(self, **options):
         from vllm import SamplingParams
@@ -171,4 +175,13 @@ class VllmBackend(Backend):
         }
 
     def close(self) -> None:
+        """Shut the engine core down and free the GPU before returning: the next engine of this GPU (a new
+        backend here, or a new engine process) needs its memory."""
+        import gc
+
+        import torch
+
+        self.llm.llm_engine.engine_core.shutdown()
         del self.llm
+        gc.collect()
+        torch.cuda.empty_cache()
