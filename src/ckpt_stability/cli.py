@@ -179,6 +179,12 @@ def _report(args: argparse.Namespace) -> None:
                  settings=Path(args.settings), output=Path(args.output))
 
 
+def _reduction_inputs(parser: argparse.ArgumentParser) -> None:
+    """The inputs every reduction after `scores` reads."""
+    parser.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
+    parser.add_argument("--scores", required=True, help="the scores table written by `scores` (results/scores.parquet)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ckpt-stability", description=__doc__)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -296,15 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     scores.set_defaults(handler=_scores)
 
     stability = commands.add_parser("stability", help="stability and improvement tables")
-    stability.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
-    stability.add_argument("--scores", required=True, help="the scores table written by `scores`")
+    _reduction_inputs(stability)
     stability.add_argument("--output-dir", required=True,
                            help="writes stability.csv/.md, improvement.csv/.md and excluded.csv/.md")
     stability.set_defaults(handler=_stability)
 
     indicators = commands.add_parser("indicators", help="how well each proxy orders models by a target")
-    indicators.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
-    indicators.add_argument("--scores", required=True, help="the scores table (results/scores.parquet)")
+    _reduction_inputs(indicators)
     indicators.add_argument("--perplexity-dir", help="results/perplexity, to add the 1/PPL proxies")
     indicators.add_argument("--targets", help="CSV run,step,target (default: each run's final stabilised score)")
     indicators.add_argument("--output", required=True, help="the table (CSV, and Markdown beside it)")
@@ -318,12 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     write_json.set_defaults(handler=_write_json)
 
     report = commands.add_parser("report", help="the HTML report with its figures")
-    report.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
-    report.add_argument("--scores", required=True, help="the scores table (results/scores.parquet)")
-    report.add_argument("--tables", required=True,
-                        help="directory of stability.csv, improvement.csv and (optional) indicators.csv")
-    report.add_argument("--settings", required=True,
-                        help="the evaluation settings (results/evaluation_settings.json)")
+    _reduction_inputs(report)
+    report.add_argument("--tables", required=True, help="the folder of stability, improvement, indicators.csv")
+    report.add_argument("--settings", required=True, help="the evaluation settings (results/evaluation_settings.json)")
     report.add_argument("--output", required=True,
                         help="the report (results/report/report.html); figures go to figures/ beside it")
     report.set_defaults(handler=_report)
