@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="the HTML report with its figures")
     _reduction_inputs(report)
-    report.add_argument("--tables", required=True, help="the folder of stability.csv, improvement.csv (and indicators.csv)")
+    report.add_argument("--tables", required=True, help="folder of stability.csv, improvement.csv (indicators.csv)")
     report.add_argument("--settings", required=True, help="the evaluation settings (results/evaluation_settings.json)")
     report.add_argument("--output", required=True,
                         help="the report (results/report/report.html); figures go to figures/ beside it")
