@@ -2,7 +2,9 @@
 once complete, so a killed job never leaves a file or directory that looks finished.
 
 Temporary names are ``.{name}.{pid}.{random}.tmp``; the next writer of the same target removes those
-whose process is gone."""
+whose process is gone. Within ``publishing_only_while(check)``, each output is renamed into place only
+once ``check`` has passed: the evaluation engine, which outlives its jobs, writes nothing for a job that
+is gone."""
 
 from __future__ import annotations
 
@@ -12,8 +14,28 @@ import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
+
+_publish_check: ContextVar[Callable[[Path], None] | None] = ContextVar("publish_check", default=None)
+
+
+@contextlib.contextmanager
+def publishing_only_while(check: Callable[[Path], None]) -> Iterator[None]:
+    """Within the block, ``check(target)`` runs before each output is renamed into place; it raises to stop
+    the output from appearing."""
+    token = _publish_check.set(check)
+    try:
+        yield
+    finally:
+        _publish_check.reset(token)
+
+
+def _before_publishing(target: Path) -> None:
+    check = _publish_check.get()
+    if check is not None:
+        check(target)
 
 
 def _temporary_prefix(target: Path) -> str:
@@ -81,6 +103,7 @@ def atomic_file(target: str | os.PathLike) -> Iterator[Path]:
             yield tmp
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
+            _before_publishing(target)
             os.replace(tmp, target)
             _fsync_dir(target.parent)
     finally:
@@ -104,6 +127,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
                 if entry.is_file():
                     with open(entry, "rb") as handle:
                         os.fsync(handle.fileno())
+            _before_publishing(target)
             old = None
             if target.exists():
                 old = target.with_name(f".{target.name}.old-{os.getpid()}")

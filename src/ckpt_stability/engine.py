@@ -40,6 +40,7 @@ import time
 import traceback
 from pathlib import Path
 
+from ckpt_stability.atomic import publishing_only_while
 from ckpt_stability.errors import InputError, reported
 from ckpt_stability.evaluation_job import EvaluationJob
 
@@ -405,7 +406,7 @@ class Engine:
                 self._end()
                 _send(stream, {"exit": 0, "error": None})
                 return False
-            self._run(EvaluationJob.from_json(request["job"]), request["cwd"], stream)
+            self._run(EvaluationJob.from_json(request["job"]), request["cwd"], connection, stream)
             return True
         except (OSError, ValueError, KeyError, TypeError) as error:  # a request that is not one: the engine goes on
             log.warning("a malformed request or a vanished job: %s: %s", type(error).__name__, error)
@@ -415,10 +416,21 @@ class Engine:
                 stream.close()
             connection.close()
 
-    def _run(self, job: EvaluationJob, cwd: str, stream) -> None:
+    def _run(self, job: EvaluationJob, cwd: str, connection: socket.socket, stream) -> None:
         """Run one job, relaying its log lines and then its outcome to it. A job that is gone is noticed at
-        its next log line: the engine stops working for it (what it wrote is the job's outputs of an
-        interrupted job, which Snakemake redoes) and serves the next one."""
+        its next log line, and before any of its outputs is put in place: the engine stops working for it
+        (outputs already in place are an interrupted job's, which Snakemake deletes or redoes) and serves
+        the next one."""
+
+        def job_still_there(target: Path) -> None:
+            try:
+                if connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b"":
+                    raise JobGone()
+            except BlockingIOError:  # nothing to read: the job is waiting for its outcome
+                pass
+            except OSError:
+                raise JobGone() from None
+
         os.chdir(cwd)
         relay = _Relay(stream)
         package_log = logging.getLogger("ckpt_stability")
@@ -426,7 +438,8 @@ class Engine:
         started = time.perf_counter()
         try:
             log.info("evaluation engine %d (slot %s): job %d", os.getpid(), self.socket_path.stem, self.served + 1)
-            code, error = _job_outcome(job, self.loaded)
+            with publishing_only_while(job_still_there):
+                code, error = _job_outcome(job, self.loaded)
             package_log.removeHandler(relay)
             _send(stream, {"exit": code, "error": error})
         except (JobGone, OSError):
