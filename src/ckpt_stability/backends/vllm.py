@@ -45,6 +45,11 @@ def tensor_table(model_dir: str) -> dict[str, tuple]:
     return {name: (entry.dtype, tuple(entry.shape)) for name, (_, entry) in read_checkpoint_headers(model_dir).items()}
 
 
+def weight_file_stamps(model_dir: str) -> list[tuple]:
+    """(resolved path, size, mtime) of each weight file: equal stamps are the same weights."""
+    return [(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns) for path in weight_files(model_dir)]
+
+
 class VllmBackend(Backend):
     name = "vllm"
 
@@ -67,8 +72,7 @@ class VllmBackend(Backend):
         self.context_length = self.llm.llm_engine.model_config.max_model_len - 1
         self.model_dir = model_dir
         self._tensor_table = tensor_table(model_dir)
-        self._weight_files = [(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)
-                              for path in weight_files(model_dir)]
+        self._weight_files = weight_file_stamps(model_dir)
         self._loaded_checksums: dict[str, str] | None = None  # taken at the first swap
 
     def _checksums(self) -> dict[str, str]:
@@ -85,7 +89,7 @@ class VllmBackend(Backend):
         after): one that kept its bytes is taken for a layer that was not reloaded, and the engine is built
         anew, which costs a start where two checkpoints share a tensor, never a wrong score. Any failure
         is WeightsNotSwappable: the engine is then built anew."""
-        files = [(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns) for path in weight_files(model_dir)]
+        files = weight_file_stamps(model_dir)
         if files == self._weight_files:
             return  # the same weights again (a retried job): nothing to reload
         table = tensor_table(model_dir)
