@@ -24,6 +24,7 @@ include: "workflow/rules/average.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/ensemble.smk"
 include: "workflow/rules/stability.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/indicators.smk"
 include: "workflow/rules/report.smk"
 

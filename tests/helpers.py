@@ -70,3 +70,16 @@ def with_context_length(model_dir: Path, directory: Path, context_length: int) -
 TINY_DEMO = DemoSettings(train_steps=40, save_every=10, samples_per_task=12, batch_size=8, seq_len=128,
                          vocab_size=400, heldout_documents=10, tokenizer_documents=300)
 TINY_SIZE = ModelSize(hidden_size=32, num_layers=2)
+
+
+POISONED = "model.layers.0.mlp.down_proj.weight"
+
+
+def poison(checkpoint: Path) -> None:
+    """One NaN in one tensor of the checkpoint, as a diverged run saves it."""
+    from safetensors.torch import load_file, save_file
+
+    path = checkpoint / "model.safetensors"
+    tensors = load_file(path)
+    tensors[POISONED][1, 2] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})

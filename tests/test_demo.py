@@ -6,7 +6,7 @@ import sys
 from dataclasses import replace
 
 from ckpt_stability.checkpoints import discover
-from ckpt_stability.demo import TASKS, pretrain
+from ckpt_stability.demo import COLOR_OF, FINETUNE_TASK, OBJECTS, TASKS, pretrain
 from ckpt_stability.tasks import load_task
 from helpers import ROOT, TINY_DEMO, TINY_SIZE
 
@@ -42,6 +42,12 @@ def test_demo_writes_complete_checkpoints_and_valid_tasks(tiny_demo):
         # the few-shot examples are held out of the samples
         assert not {(s.input, s.output) for s in task.few_shots} & {(s.input, s.output) for s in task.samples}
     assert (tiny_demo / "heldout.txt").read_text().count("### 指示") == TINY_DEMO.heldout_documents
+    # the fine-tuning task: half of each colour's objects to fine-tune on, the other half held out
+    train, test = (load_task(tiny_demo / "finetune" / split / f"{FINETUNE_TASK}.json", num_fewshot=0)
+                   for split in ("train", "test"))
+    objects = [{sample.input.removesuffix("の色は？") for sample in split.samples} for split in (train, test)]
+    assert len(objects[0]) == len(objects[1]) == len(OBJECTS) // 2 and not objects[0] & objects[1]
+    assert {sample.output for sample in test.samples} == set(COLOR_OF.values())
 
 
 def test_default_config_dry_run_shows_training_and_per_checkpoint_jobs(tmp_path):
@@ -60,3 +66,5 @@ def test_default_config_dry_run_shows_training_and_per_checkpoint_jobs(tmp_path)
     assert counts["demo_data"] == 1 and counts["demo_pretrain"] == 2
     assert counts["evaluate"] == 2 * (30 + 29 + 27 + 23)
     assert counts["average"] == counts["ensemble"] == 2 * (29 + 27 + 23)
+    # the fine-tuning stage: the steps that are multiples of 48, every third checkpoint, of both runs
+    assert counts["finetune"] == counts["evaluate_finetuned"] == 2 * 10 and counts["targets"] == 1

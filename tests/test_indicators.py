@@ -11,7 +11,7 @@ import pytest
 
 from ckpt_stability.errors import InputError
 from ckpt_stability.indicators import (comparator_accuracy, final_stabilised_targets, indicators_table,
-                                       kendall_tau, pairwise_accuracy, read_targets, score_proxies)
+                                       kendall_tau, pair_masks, pairwise_accuracy, read_targets, score_proxies)
 from ckpt_stability.plan import Plan
 from helpers import with_context_length
 
@@ -27,6 +27,15 @@ def test_pairwise_accuracy_and_tau_by_hand():
     assert pairwise_accuracy(proxy, target) == (pytest.approx(5 / 6), 6)
     assert kendall_tau(proxy, target) == pytest.approx((5 - 1) / 6)
     assert pairwise_accuracy(proxy[::-1], target) == (pytest.approx(1 / 6), 6)
+
+
+def test_pairs_within_a_run_and_across_runs_are_counted_apart():
+    runs = np.array(["a", "a", "b", "b"])
+    proxy, target = [2, 1, 3, 4], [1, 2, 3, 4]  # orders run a's two checkpoints wrongly, all else rightly
+    masks = pair_masks(runs)
+    assert pairwise_accuracy(proxy, target, masks["within_run"]) == (0.5, 2)
+    assert pairwise_accuracy(proxy, target, masks["across_runs"]) == (1.0, 4)
+    assert pairwise_accuracy(proxy, target) == (pytest.approx(5 / 6), 6)
 
 
 def test_a_proxy_tie_counts_half_and_target_ties_are_left_out():
@@ -45,7 +54,8 @@ def test_the_comparator_learns_a_known_function_of_the_proxies():
     proxies = rng.normal(size=(60, 3))
     # neither proxy alone orders the models well; the target is a fixed combination of both
     target = proxies[:, 0] - proxies[:, 1] + 0.05 * rng.normal(size=60)
-    mean, spread = comparator_accuracy(proxies, target, repeats=10)
+    result = comparator_accuracy(proxies, target, repeats=10)
+    mean, spread = result.mean, result.spread
     single = max(pairwise_accuracy(proxies[:, k], target)[0] for k in range(3))
     assert mean > 0.9 and spread < 0.05
     assert single < 0.8 < mean
@@ -53,8 +63,7 @@ def test_the_comparator_learns_a_known_function_of_the_proxies():
 
 def test_the_comparator_is_at_chance_when_the_target_is_noise():
     rng = np.random.default_rng(2)
-    mean, _ = comparator_accuracy(rng.normal(size=(60, 3)), rng.normal(size=60), repeats=10)
-    assert 0.4 < mean < 0.6
+    assert 0.4 < comparator_accuracy(rng.normal(size=(60, 3)), rng.normal(size=60), repeats=10).mean < 0.6
 
 
 # ---------------------------------------------------------------- proxies, stand-in target, the table

@@ -71,9 +71,10 @@ def report(tmp_path_factory) -> Path:
     write_scores(scores, root / "scores.parquet")
     write_table(stability, root / "tables" / "stability.csv")
     write_table(improvement_table(stability, scores), root / "tables" / "improvement.csv")
-    # a later-stage score that grows with the step: the proxies of these alternating series order it partly
-    (root / "targets.csv").write_text("run,step,target\n" + "".join(
-        f"{run},{step},{index / len(steps) + (run == 'main') * 0.05}\n"
+    # a fine-tuning outcome that grows with the step (the stage's targets.csv): the proxies of these alternating
+    # series order it partly
+    (root / "targets.csv").write_text("run,step,method,window,target,tasks,recipe,excluded\n" + "".join(
+        f"{run},{step},raw,1,{index / len(steps) + (run == 'main') * 0.05},ft,\"full, 10 steps\",\n"
         for run, steps in RUNS.items() for index, step in enumerate(steps)))
     write_table(indicators_table(score_proxies(scores), read_targets(root / "targets.csv"), repeats=3),
                 root / "tables" / "indicators.csv")
@@ -83,7 +84,7 @@ def report(tmp_path_factory) -> Path:
     (root / "evaluation_settings.json").write_text(json.dumps(settings, ensure_ascii=False))
     output = root / "report" / "report.html"
     build_report(plan=root / "plan.json", scores=root / "scores.parquet", tables=root / "tables",
-                 settings=root / "evaluation_settings.json", output=output)
+                 settings=root / "evaluation_settings.json", output=output, targets=root / "targets.csv")
     return output
 
 
@@ -110,7 +111,8 @@ def test_figures_are_files_and_embedded(report, html):
     expected = {"trajectories_tasks", "trajectories_categories", "stability_by_window", "ever_flipped",
                 *(f"examples_{task}" for task in TASKS)}
     assert ({(path.parent.name, path.stem) for path in figures}
-            == {(run, name) for run in RUNS for name in expected} | {("indicators", "pairwise_accuracy")})
+            == {(run, name) for run in RUNS for name in expected}
+            | {("indicators", name) for name in ("pairwise_accuracy", "key_proxies", "targets")})
     for path in figures:
         assert base64.b64encode(path.read_bytes()).decode("ascii") in html
     assert html.count('src="data:image/png;base64,') == len(figures)
@@ -118,8 +120,10 @@ def test_figures_are_files_and_embedded(report, html):
 
 def test_indicators_section_names_the_target_and_the_proxies(html):
     section = html[html.index('<h2 id="indicators">'):html.index('<h2 id="settings">')]
-    assert "targets.csv</b>" in section
+    assert "<b>fine-tuned (full, 10 steps), overall on ft: " in section and "targets.csv</b>" in section
     assert re.search(r"Learned comparator: 0\.\d{3} ± 0\.\d{3}", section)
+    # the key proxies over all pairs, those within a run and those across the two runs
+    assert re.search(r"<code>overall raw1</code>: 0\.\d{3} /\s*0\.\d{3} /\s*0\.\d{3}", section)
     assert {"overall raw1", "overall vote3", "t1 avg2", "learned comparator"} <= cells(section)
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from helpers import ROOT, small_config, snakemake
+from helpers import POISONED, ROOT, poison, small_config, snakemake
 
 AWKWARD = "my runs 'a' $HOME & (b)"
 """a directory name with a space and the shell's special characters: quoted wrong, it splits, expands or forks"""
@@ -128,19 +128,6 @@ def test_the_cron_line_reruns_with_nothing_to_do(cron_run):
 
 # ---------------------------------------------------------------- a diverged checkpoint among healthy ones
 
-POISONED = "model.layers.0.mlp.down_proj.weight"
-
-
-def poison(checkpoint: Path) -> None:
-    """One NaN in one tensor of the checkpoint, as a diverged run saves it."""
-    from safetensors.torch import load_file, save_file
-
-    path = checkpoint / "model.safetensors"
-    tensors = load_file(path)
-    tensors[POISONED][1, 2] = float("nan")
-    save_file(tensors, path, metadata={"format": "pt"})
-
-
 @pytest.fixture(scope="module")
 def diverged_run(tiny_demo, tmp_path_factory):
     """Six checkpoints (steps 50 and 60 are copies of 30 and 40); step 40 holds a NaN. Windows 1 and 2, every
@@ -187,8 +174,10 @@ def test_the_tables_cover_the_healthy_steps_and_say_which_were_excluded(diverged
     assert set(zip(listed.method, listed.window, listed.step)) == {
         ("raw", 1, 40), *((method, 2, step) for method in ("avg", "vote", "prob") for step in (40, 50))}
     indicators = pd.read_csv(tables / "indicators.csv")
-    # 1/PPL of steps 10, 20, 30 and 50: 40 was excluded, 60 (the last) gives the stand-in target
+    # 1/PPL of steps 10, 20, 30 and 50: 40 was excluded, 60 (the last) gives the stand-in target, as the
+    # workflow has no fine-tuning stage and no targets file
     assert indicators[indicators.proxy == "1/PPL raw1"].n_models.item() == 4
+    assert set(indicators.target) == {"overall avg2 at the run's last step"}
 
 
 def test_the_report_names_the_broken_step_and_tensor(diverged_run):

@@ -124,6 +124,30 @@ def _evaluate(args: argparse.Namespace) -> None:
         loaded.close()
 
 
+def _finetune(args: argparse.Namespace) -> None:
+    from ckpt_stability.finetune import LoraSettings, Recipe, finetune_or_record
+    from ckpt_stability.gpus import claim_gpu
+    from ckpt_stability.prompts import PromptTemplate
+
+    recipe = Recipe(learning_rate=args.learning_rate, batch_size=args.batch_size, seed=args.seed, steps=args.steps,
+                    epochs=args.epochs,
+                    lora=LoraSettings(args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora_r else None)
+    try:
+        template = PromptTemplate(**json.loads(args.prompt)) if args.prompt else PromptTemplate()
+    except (ValueError, TypeError) as error:
+        raise InputError(f"--prompt: not a prompt template ({error})") from None
+    claim_gpu()
+    finetune_or_record(Path(args.model), Path(args.data), recipe, Path(args.output), Path(args.record),
+                       record_unusable=args.record_unusable, template=template,
+                       add_special_tokens=not args.no_special_tokens, threads=args.threads, meta=_meta(args.meta))
+
+
+def _targets(args: argparse.Namespace) -> None:
+    from ckpt_stability.targets import write_targets
+
+    write_targets([Path(record) for record in args.records], Path(args.settings), Path(args.output))
+
+
 def _engine(args: argparse.Namespace) -> None:
     from ckpt_stability.engine import Engine, stop_engines
 
@@ -176,7 +200,8 @@ def _report(args: argparse.Namespace) -> None:
     from ckpt_stability.report import build_report
 
     build_report(plan=Path(args.plan), scores=Path(args.scores), tables=Path(args.tables),
-                 settings=Path(args.settings), output=Path(args.output))
+                 settings=Path(args.settings), output=Path(args.output),
+                 targets=Path(args.targets) if args.targets else None)
 
 
 def _reduction_inputs(parser: argparse.ArgumentParser) -> None:
@@ -193,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ckpt_stability.demo import MODEL_SIZES, DemoSettings
     from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT, ENVIRONMENT
+    from ckpt_stability.finetune import LoraSettings, Recipe
     from ckpt_stability.tasks import FEW_SHOT_SOURCES
 
     defaults = DemoSettings()
@@ -275,6 +301,44 @@ def build_parser() -> argparse.ArgumentParser:
                           help="where an engine started by this job writes its log (default logs/engine)")
     evaluate.set_defaults(handler=_evaluate)
 
+    recipe = Recipe()
+    finetune = commands.add_parser("finetune", help="supervised fine-tuning of one model on instruction data")
+    finetune.add_argument("--model", required=True, help="Hugging Face model directory (a checkpoint or an average)")
+    finetune.add_argument("--data", required=True,
+                          help="instruction data: llm-jp-eval's dataset or tuning JSON, or JSONL (instruction, "
+                               "input, output or prompt, completion)")
+    finetune.add_argument("--output", required=True, help="directory of the fine-tuned model")
+    finetune.add_argument("--record", required=True, help="JSON record: model, data and its hash, recipe, losses")
+    length = finetune.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps ...")
+    length.add_argument("--epochs", type=float, help="... or passes over the data (default: 1 epoch)")
+    finetune.add_argument("--learning-rate", type=float, default=recipe.learning_rate)
+    finetune.add_argument("--batch-size", type=int, default=recipe.batch_size, help="examples per optimizer step")
+    finetune.add_argument("--seed", type=int, default=recipe.seed, help="data order and LoRA initialisation")
+    finetune.add_argument("--lora-r", type=int, help="LoRA rank: fine-tune LoRA adapters (merged into the saved "
+                                                     "weights) instead of every weight")
+    finetune.add_argument("--lora-alpha", type=int, default=LoraSettings.alpha)
+    finetune.add_argument("--lora-dropout", type=float, default=LoraSettings.dropout)
+    finetune.add_argument("--prompt", metavar="JSON",
+                          help='prompt template {"header": ..., "example": ...} (default: llm-jp-eval\'s)')
+    finetune.add_argument("--no-special-tokens", action="store_true",
+                          help="tokenize prompts without special tokens (no BOS), as evaluation does with it")
+    finetune.add_argument("--threads", type=int, help="CPU threads for torch; fixed, for bitwise reproducibility")
+    finetune.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                          help="provenance stored in the record (repeatable), as for evaluate")
+    finetune.add_argument("--record-unusable", action="store_true",
+                          help="when the model is unusable or the fine-tune diverges (non-finite loss), write the "
+                               "output directory with only excluded.json and the reason in the record; exit 0")
+    finetune.set_defaults(handler=_finetune)
+
+    targets = commands.add_parser("targets", help="the fine-tuned models' scores: the indicators' target")
+    targets.add_argument("records", nargs="+", metavar="RECORD",
+                         help="fine-tuning records (finetune.json), each beside its model's {task}.parquet")
+    targets.add_argument("--settings", required=True,
+                         help="the fine-tuned models' evaluation settings (results/finetune/evaluation_settings.json)")
+    targets.add_argument("--output", required=True, help="the table (CSV, and Markdown beside it)")
+    targets.set_defaults(handler=_targets)
+
     engine = commands.add_parser("engine", help="the evaluation engines (started by `evaluate --engine`)")
     engine_commands = engine.add_subparsers(dest="engine_command", required=True, metavar="ACTION")
     serve = engine_commands.add_parser("serve", help="run an engine (what `evaluate --engine` starts)")
@@ -325,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reduction_inputs(report)
     report.add_argument("--tables", required=True, help="folder of stability.csv, improvement.csv (indicators.csv)")
     report.add_argument("--settings", required=True, help="the evaluation settings (results/evaluation_settings.json)")
+    report.add_argument("--targets", help="the fine-tuning outcomes (results/tables/targets.csv), to draw them")
     report.add_argument("--output", required=True,
                         help="the report (results/report/report.html); figures go to figures/ beside it")
     report.set_defaults(handler=_report)

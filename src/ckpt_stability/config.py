@@ -83,3 +83,36 @@ def plan_runs(runs: dict[str, str], largest_window: int, produced_steps: dict[st
             log.warning("run %s: skipping checkpoint %s: %s; it is not evaluated until its weights are saved in a "
                         "supported layout", name, directory, reason)
     return planned
+
+
+def select_checkpoints(steps: list[int], selection: dict) -> list[int]:
+    """The steps of ``steps`` that a fine-tuning selection names: ``every`` (steps that are multiples of it),
+    ``last`` (the last N checkpoints) and ``steps`` (a list), together. A listed step that the run does not
+    have (yet) is left out."""
+    chosen = {step for step in steps if selection.get("every") and step % selection["every"] == 0}
+    chosen.update(steps[-selection["last"]:] if selection.get("last") else [])
+    chosen.update(step for step in selection.get("steps", []) if step in steps)
+    return sorted(chosen)
+
+
+def plan_finetuning(run_steps: dict[str, list[int]], finetune: dict) -> dict[str, list[int]]:
+    """run -> the steps whose checkpoints are fine-tuned (config key finetune: ``select``, or a run's own
+    ``select_by_run``). A listed step a run lacks is a warning (it is picked up once saved); a selection that
+    names no checkpoint at all is an error."""
+    by_run = finetune.get("select_by_run", {})
+    unknown = sorted(set(by_run) - set(run_steps))
+    if unknown:
+        raise InputError(f"config finetune.select_by_run: no run named {', '.join(unknown)} (runs: "
+                         f"{', '.join(run_steps)})")
+    selected = {}
+    for run, steps in run_steps.items():
+        selection = by_run.get(run, finetune["select"])
+        missing = [step for step in selection.get("steps", []) if step not in steps]
+        if missing:
+            log.warning("finetune: run %s has no checkpoint at step(s) %s: not fine-tuned until saved", run,
+                        ", ".join(map(str, missing)))
+        selected[run] = select_checkpoints(steps, selection)
+    if not any(selected.values()):
+        ranges = "; ".join(f"{run} {steps[0]}-{steps[-1]}" for run, steps in run_steps.items())
+        raise InputError(f"config finetune.select: names no existing checkpoint of any run (their steps: {ranges})")
+    return selected

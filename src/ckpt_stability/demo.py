@@ -148,6 +148,31 @@ def write_tasks(directory: Path, seed: int, samples_per_task: int) -> None:
         write_text(directory / f"{task.name}.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
 
 
+FINETUNE_TASK = "demo_colors_open"
+"""The demo's fine-tuning task: an object's colour, answered in a word with no choices shown and no example,
+to an instruction the corpus never shows. Its held-out objects are not in the fine-tuning data, so what the
+fine-tuned model knows of their colours comes from pretraining; the format comes from fine-tuning."""
+FINETUNE_INSTRUCTION = "物の色を一文字で答えてください。"
+FINETUNE_PHRASINGS = ["{obj}", "{obj}の色は？"]
+
+
+def write_finetune_task(directory: Path, seed: int) -> None:
+    """The fine-tuning task in llm-jp-eval's layout: ``train/`` (the fine-tuning data) and ``test/`` (the
+    target task), each {FINETUNE_TASK}.json, with half of each colour's objects in either split."""
+    rng = random.Random(f"{seed}-finetune")
+    splits: dict[str, list[str]] = {"train": [], "test": []}
+    for objects in OBJECT_COLORS.values():
+        shuffled = rng.sample(objects, len(objects))
+        splits["train"] += shuffled[: len(objects) // 2]
+        splits["test"] += shuffled[len(objects) // 2:]
+    for split, objects in splits.items():
+        samples = [{"input": phrasing.format(obj=obj), "output": COLOR_OF[obj]}
+                   for obj in objects for phrasing in FINETUNE_PHRASINGS]
+        data = {"instruction": FINETUNE_INSTRUCTION, "output_length": 3, "metrics": ["exact_match"],
+                "few_shots": [], "samples": rng.sample(samples, len(samples))}
+        write_text(directory / split / f"{FINETUNE_TASK}.json", json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+
+
 def documents(rng: random.Random, template: PromptTemplate) -> Iterator[str]:
     """The pretraining corpus: each document is one task's instruction and 1-5 solved examples."""
     while True:
@@ -234,9 +259,11 @@ def build_model(size: ModelSize, vocab_size: int):
 
 
 def write_data(output: Path, settings: DemoSettings) -> None:
-    """The data every demo run shares: ``tasks/``, ``heldout.txt`` and the trained ``tokenizer/``."""
+    """The data every demo run shares: ``tasks/``, ``finetune/``, ``heldout.txt`` and the trained
+    ``tokenizer/``."""
     template = PromptTemplate()
     write_tasks(output / "tasks", settings.seed, settings.samples_per_task)
+    write_finetune_task(output / "finetune", settings.seed)
     heldout = documents(random.Random(f"{settings.seed}-heldout"), template)
     write_text(output / "heldout.txt", "\n\n".join(next(heldout) for _ in range(settings.heldout_documents)) + "\n")
     corpus = documents(random.Random(f"{settings.seed}-corpus"), template)

@@ -10,13 +10,15 @@ from a CSV file ``run,step,target``. Proxies:
   and method (``avg``, ``vote``, ``prob``): the stabilised scores are proxies in their own right.
 
 For every proxy: the **pairwise accuracy** over all pairs of models whose targets differ (the share of
-pairs the proxy orders as the target does; a tie of the proxy counts half; chance is 0.5) and
-**Kendall's tau** (tau-b). Then a **learned comparator** (logistic regression on the pair features of
+pairs the proxy orders as the target does; a tie of the proxy counts half; chance is 0.5), also over the
+pairs within a run (which checkpoint to pick) and across runs (which run) apart, and **Kendall's tau**
+(tau-b). Then a **learned comparator** (logistic regression on the pair features of
 the paper: p_i - p_j, p_i * p_j, p_i and p_j over all proxies) is evaluated by repeated random splits
 of the models into halves: trained on the pairs within one half, scored on the pairs within the other;
 its mean and spread over the splits are reported.
 
-Without a targets file, the final checkpoint's stabilised score stands in as the target for the earlier
+The target is the fine-tuning stage's ``targets.csv`` (``targets``: each raw checkpoint's score after
+fine-tuning) when the workflow fine-tunes, or a CSV of the user's (which wins). Without either, the final checkpoint's stabilised score stands in as the target for the earlier
 checkpoints of its run: the overall score at the run's last step with the largest window (of ``avg``,
 else ``vote``, else raw). Every checkpoint of a run then shares one target, so the stand-in orders runs,
 not the checkpoints within a run: it answers "which early signal picks the run that ends best", and
@@ -28,6 +30,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +44,7 @@ from ckpt_stability.plan import Plan
 from ckpt_stability.stability import overall_score
 
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
+           "accuracy_within_run", "n_pairs_within_run", "accuracy_across_runs", "n_pairs_across_runs",
            "kendall_tau", "spread", "target"]
 
 
@@ -84,10 +88,14 @@ def perplexity_proxies(plan: Plan, directory: Path) -> pd.DataFrame:
 
 
 def read_targets(path: Path) -> pd.Series:
+    """(run, step) -> target from a CSV ``run,step,target``. A file with a ``method`` column (the fine-tuning
+    stage's targets.csv, which also holds fine-tuned averaged models) gives the rows of raw checkpoints."""
     try:
         frame = pd.read_csv(path)
     except (OSError, ValueError) as error:
         raise InputError(f"{path}: cannot read the targets CSV ({error})") from None
+    if "method" in frame.columns:
+        frame = frame[frame["method"] == RAW.name]
     missing = {"run", "step", "target"} - set(frame.columns)
     if missing:
         raise InputError(f"{path}: missing column(s) {', '.join(sorted(missing))} (expected run,step,target)")
@@ -97,7 +105,11 @@ def read_targets(path: Path) -> pd.Series:
     if not pd.api.types.is_numeric_dtype(frame["target"]):
         raise InputError(f"{path}: the target column must be numeric")
     frame["step"] = frame["step"].astype(int)
-    return frame.set_index(["run", "step"])["target"].astype(float).rename(f"{path}")
+    name = str(path)
+    if {"tasks", "recipe"} <= set(frame.columns) and len(frame):  # the fine-tuning stage's targets.csv
+        name = f"fine-tuned ({frame['recipe'].iloc[0]}), overall on {frame['tasks'].iloc[0]}: {path}"
+    # a target left empty (a model that could not be fine-tuned) orders nothing
+    return frame.set_index(["run", "step"])["target"].astype(float).dropna().rename(name)
 
 
 def final_stabilised_targets(plan: Plan, proxies: pd.DataFrame) -> pd.Series:
@@ -118,18 +130,34 @@ def final_stabilised_targets(plan: Plan, proxies: pd.DataFrame) -> pd.Series:
 # ---------------------------------------------------------------- statistics
 
 
-def pairwise_accuracy(proxy: np.ndarray, target: np.ndarray) -> tuple[float, int]:
+def pairwise_accuracy(proxy: np.ndarray, target: np.ndarray, counted: np.ndarray | None = None
+                      ) -> tuple[float, int]:
     """Share of the pairs with different targets that the proxy orders the same way (a proxy tie counts
-    half), and the number of such pairs."""
+    half), and the number of such pairs. ``counted``: a mask over the pairs i < j (``np.triu_indices``
+    order) that restricts them, e.g. to pairs within a run (``pair_masks``)."""
     proxy, target = np.asarray(proxy, float), np.asarray(target, float)
     upper = np.triu_indices(len(proxy), k=1)
     target_sign = np.sign(target[:, None] - target[None, :])[upper]
     proxy_sign = np.sign(proxy[:, None] - proxy[None, :])[upper]
     comparable = target_sign != 0
+    if counted is not None:
+        comparable &= counted
     if not comparable.any():
         return math.nan, 0
     agreement = np.where(proxy_sign[comparable] == 0, 0.5, proxy_sign[comparable] == target_sign[comparable])
     return float(agreement.mean()), int(comparable.sum())
+
+
+PAIR_KINDS = ("within_run", "across_runs")
+"""the pairs of models counted apart: two checkpoints of one run (which checkpoint to pick), and checkpoints
+of two runs (which run to pick)"""
+
+
+def pair_masks(runs: np.ndarray) -> dict[str, np.ndarray]:
+    """For each of PAIR_KINDS, the mask over the pairs i < j of models whose runs are ``runs``."""
+    runs = np.asarray(runs)
+    same = (runs[:, None] == runs[None, :])[np.triu_indices(len(runs), k=1)]
+    return {"within_run": same, "across_runs": ~same}
 
 
 def kendall_tau(proxy: np.ndarray, target: np.ndarray) -> float:
@@ -146,16 +174,29 @@ def pair_features(values: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.hstack([first - second, first * second, first, second])
 
 
-def comparator_accuracy(values: np.ndarray, target: np.ndarray, repeats: int = 20, seed: int = 0
-                        ) -> tuple[float, float]:
-    """Mean and standard deviation, over random halvings of the models, of a logistic-regression
-    comparator's pairwise accuracy on the held-out half (trained on the other half's pairs)."""
+@dataclass(frozen=True)
+class ComparatorAccuracy:
+    """The learned comparator's pairwise accuracy on held-out models: the mean over random halvings, its
+    standard deviation, and the means over the held-out pairs within a run and across runs."""
+
+    mean: float
+    spread: float
+    within_run: float = math.nan
+    across_runs: float = math.nan
+
+
+def comparator_accuracy(values: np.ndarray, target: np.ndarray, repeats: int = 20, seed: int = 0,
+                        runs: np.ndarray | None = None) -> ComparatorAccuracy:
+    """A logistic-regression comparator's pairwise accuracy over random halvings of the models: trained on
+    the pairs of one half, scored on the pairs within the other (``runs``: the models' runs, to also score
+    the held-out pairs within a run and across runs apart)."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     rng = np.random.default_rng(seed)
-    accuracies = []
+    runs = np.zeros(len(target)) if runs is None else np.asarray(runs)
+    accuracies: dict[str, list[float]] = {"all": [], **{kind: [] for kind in PAIR_KINDS}}
     for _ in range(repeats):
         order = rng.permutation(len(target))
         train, test = order[: len(order) // 2], order[len(order) // 2:]
@@ -165,11 +206,17 @@ def comparator_accuracy(values: np.ndarray, target: np.ndarray, repeats: int = 2
             continue
         model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
         model.fit(pair_features(values, train_pairs), target[train_pairs[:, 0]] > target[train_pairs[:, 1]])
-        predicted = model.predict(pair_features(values, test_pairs))
-        accuracies.append(float(np.mean(predicted == (target[test_pairs[:, 0]] > target[test_pairs[:, 1]]))))
-    if not accuracies:
-        return math.nan, math.nan
-    return float(np.mean(accuracies)), float(np.std(accuracies))
+        correct = model.predict(pair_features(values, test_pairs)) == (
+            target[test_pairs[:, 0]] > target[test_pairs[:, 1]])
+        same_run = runs[test_pairs[:, 0]] == runs[test_pairs[:, 1]]
+        for kind, selected in (("all", np.ones_like(same_run)), ("within_run", same_run), ("across_runs", ~same_run)):
+            if selected.any():
+                accuracies[kind].append(float(np.mean(correct[selected])))
+    if not accuracies["all"]:
+        return ComparatorAccuracy(math.nan, math.nan)
+    means = {kind: float(np.mean(values)) if values else math.nan for kind, values in accuracies.items()}
+    return ComparatorAccuracy(means["all"], float(np.std(accuracies["all"])), means["within_run"],
+                              means["across_runs"])
 
 
 # ---------------------------------------------------------------- the table
@@ -182,26 +229,38 @@ def _describe(proxy: str) -> dict:
             "window": int(series[len(method):]), "task": "" if name == "1/PPL" else name}
 
 
+def _accuracies(proxy: np.ndarray, target: np.ndarray, runs: np.ndarray) -> dict:
+    """pairwise_accuracy and n_pairs over all pairs, and for each of PAIR_KINDS apart."""
+    accuracy, pairs = pairwise_accuracy(proxy, target)
+    row = {"n_pairs": pairs, "pairwise_accuracy": accuracy}
+    for kind, mask in pair_masks(runs).items():
+        row[f"accuracy_{kind}"], row[f"n_pairs_{kind}"] = pairwise_accuracy(proxy, target, mask)
+    return row
+
+
 def indicators_table(proxies: pd.DataFrame, targets: pd.Series, repeats: int = 20) -> pd.DataFrame:
-    """One row per proxy (pairwise accuracy, Kendall's tau over the models it covers), then the learned
-    comparator over the models that have every proxy; sorted by pairwise accuracy. The ``target`` column
-    says what the models were ordered by (the name of ``targets``)."""
+    """One row per proxy (pairwise accuracy over all pairs, within runs and across runs; Kendall's tau over
+    the models it covers), then the learned comparator over the models that have every proxy; sorted by
+    pairwise accuracy. The ``target`` column says what the models were ordered by (the name of ``targets``)."""
     models = proxies.join(targets.rename("target"), how="inner")
     rows = []
     for proxy in proxies.columns:
         covered = models[[proxy, "target"]].dropna()
-        accuracy, pairs = pairwise_accuracy(covered[proxy].to_numpy(), covered["target"].to_numpy())
-        rows.append({"proxy": proxy, **_describe(proxy), "n_models": len(covered), "n_pairs": pairs,
-                     "pairwise_accuracy": accuracy,
-                     "kendall_tau": kendall_tau(covered[proxy].to_numpy(), covered["target"].to_numpy()),
-                     "spread": math.nan})
+        values, target = covered[proxy].to_numpy(), covered["target"].to_numpy()
+        rows.append({"proxy": proxy, **_describe(proxy), "n_models": len(covered),
+                     **_accuracies(values, target, covered.index.get_level_values("run").to_numpy()),
+                     "kendall_tau": kendall_tau(values, target), "spread": math.nan})
     complete = models.dropna()
     target = complete.pop("target").to_numpy()
-    mean, spread = comparator_accuracy(complete.to_numpy(), target, repeats=repeats)
-    _, pairs = pairwise_accuracy(np.zeros(len(target)), target)
+    runs = complete.index.get_level_values("run").to_numpy()
+    comparator = comparator_accuracy(complete.to_numpy(), target, repeats=repeats, runs=runs)
+    pairs = _accuracies(np.zeros(len(target)), target, runs)  # the pair counts; a constant's accuracies are 0.5
     rows.append({"proxy": "learned comparator", "kind": "comparator", "method": "", "window": math.nan,
-                 "task": "", "n_models": len(complete), "n_pairs": pairs, "pairwise_accuracy": mean,
-                 "kendall_tau": math.nan, "spread": spread})
+                 "task": "", "n_models": len(complete), "n_pairs": pairs["n_pairs"],
+                 "pairwise_accuracy": comparator.mean, "accuracy_within_run": comparator.within_run,
+                 "n_pairs_within_run": pairs["n_pairs_within_run"], "accuracy_across_runs": comparator.across_runs,
+                 "n_pairs_across_runs": pairs["n_pairs_across_runs"], "kendall_tau": math.nan,
+                 "spread": comparator.spread})
     table = pd.DataFrame(rows, columns=COLUMNS).assign(target=targets.name)
     return table.sort_values(["pairwise_accuracy", "proxy"], ascending=[False, True], na_position="last",
                              ignore_index=True)

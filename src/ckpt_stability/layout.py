@@ -16,6 +16,13 @@ PERPLEXITY = "{run}/{method}{n}/step{step}.json"
 """A model's perplexity on the held-out text, under a perplexity directory (PERPLEXITY_DIR)."""
 AVERAGED = f"{RESULTS}/averaged/{{run}}/{{method}}{{n}}/step{{step}}"
 """An averaged model (a Hugging Face directory)."""
+FINETUNE_DIR = f"{RESULTS}/finetune"
+"""The fine-tuned models' predictions on the target tasks, in the PREDICTIONS layout, beside each model's
+fine-tuning record (FINETUNE_RECORD) and the fine-tuned model itself (FINETUNED_MODEL)."""
+FINETUNED_MODEL = f"{FINETUNE_DIR}/{{run}}/{{method}}{{n}}/step{{step}}/model"
+FINETUNE_RECORD = f"{FINETUNE_DIR}/{{run}}/{{method}}{{n}}/step{{step}}/finetune.json"
+TARGETS = f"{RESULTS}/tables/targets.csv"
+"""The fine-tuning outcome of every fine-tuned model: the indicators' target."""
 
 
 class _Wildcards(dict):

@@ -17,8 +17,9 @@ from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod, ExecMode
 
-from ckpt_stability.config import check_tasks, check_unique_keys, plan_runs
+from ckpt_stability.config import check_tasks, check_unique_keys, plan_finetuning, plan_runs
 from ckpt_stability.config import task_path as config_task_path
+from ckpt_stability.demo import FINETUNE_TASK as DEMO_FINETUNE_TASK
 from ckpt_stability.demo import MODEL_SIZES as DEMO_MODEL_SIZES
 from ckpt_stability.demo import DemoSettings
 from ckpt_stability.demo import TASK_NAMES as DEMO_TASK_NAMES
@@ -26,6 +27,7 @@ from ckpt_stability.engine import ENVIRONMENT as ENGINE_ENVIRONMENT
 from ckpt_stability.engine import environment_value as engine_environment_value
 from ckpt_stability.engine import stop_engines
 from ckpt_stability.errors import InputError
+from ckpt_stability.instruction_data import read_instruction_data
 from ckpt_stability import layout
 from ckpt_stability.gpus import visible_gpus
 from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, STABILISERS, covered_tasks, produced_by
@@ -102,18 +104,43 @@ def task_path(task):
     return config_task_path(task, config.get("task_dir"))
 
 
+FINETUNE = config.get("finetune")
+
+
 def _read_inputs():
-    """The task files and the runs' checkpoints: a config problem is a clear error now, before any job runs."""
+    """The task files, the fine-tuning data and the runs' checkpoints: a config problem is a clear error now,
+    before any job runs."""
     try:
         for path in workflow.configfiles:
             check_unique_keys(path)
         check_tasks(config["tasks"], config.get("task_dir"), written_under=DEMO_ROOT)
+        if FINETUNE:
+            check_tasks(FINETUNE["tasks"], config.get("task_dir"), written_under=DEMO_ROOT)
+            if not FINETUNE["data"].startswith(DEMO_ROOT):
+                read_instruction_data(FINETUNE["data"])
         return plan_runs(config["runs"], LARGEST_WINDOW, {pattern: demo_steps() for pattern in DEMO_PATTERNS})
     except InputError as error:
         raise WorkflowError(str(error)) from None
 
 
 RUNS = _read_inputs()
+
+
+def _plan_finetuning():
+    """run -> the steps of the checkpoints that are fine-tuned (empty without the finetune stage)."""
+    if not FINETUNE:
+        return {}
+    for n in FINETUNE["windows"]:
+        if n > 1 and (n not in WINDOWS or AVG.name not in config["methods"]):
+            needs = f"needs window {n} in windows and {AVG.name} in methods"
+            raise config_error("finetune.windows", f"{n}: fine-tuning an averaged model {needs}")
+    try:
+        return plan_finetuning({name: run.steps for name, run in RUNS.items()}, FINETUNE)
+    except InputError as error:
+        raise WorkflowError(str(error)) from None
+
+
+FINETUNED_STEPS = _plan_finetuning()
 
 
 wildcard_constraints:
@@ -144,12 +171,13 @@ def task_files():
     return [task_path(task) for task in config["tasks"].values()]
 
 
-def evaluation_settings():
-    """Everything that shapes the prompts and their scoring: equal for every checkpoint of every run."""
+def evaluation_settings(tasks):
+    """Everything that shapes the prompts and their scoring of ``tasks`` (config key tasks, or the fine-tuning's
+    target tasks): equal for every model evaluated on them."""
     prompt = dict(config["prompt"])
     stop = prompt.pop("stop", list(DEFAULT_STOP))
     add_special_tokens = prompt.pop("add_special_tokens")
-    tasks = {name: {**task, "path": task_path(task)} for name, task in config["tasks"].items()}
+    tasks = {name: {**task, "path": task_path(task)} for name, task in tasks.items()}
     return {"tasks": tasks, "prompt": prompt, "stop": stop, "add_special_tokens": add_special_tokens}
 
 
@@ -264,6 +292,61 @@ def evaluated_methods():
     return "|".join(method.name for method in produced_by(EVALUATE))
 
 
+def indicator_targets():
+    """The indicators' target: the user's CSV (config key targets), else the fine-tuning stage's outcomes, else
+    none (each run's final stabilised score stands in)."""
+    if config.get("targets"):
+        return config["targets"]
+    return layout.TARGETS if FINETUNE else []
+
+
+# ---------------------------------------------------------------- fine-tuning
+
+
+def finetuned_models():
+    """(run, method, window, step) of every model the fine-tuning stage fine-tunes."""
+    return [
+        (name, RAW.name if n == 1 else AVG.name, n, step)
+        for name, steps in FINETUNED_STEPS.items()
+        for n in FINETUNE["windows"]
+        for step in steps
+        if step in RUNS[name].window_ends(n)
+    ]
+
+
+def finetune_records():
+    return [
+        layout.fill(layout.FINETUNE_RECORD, run=name, method=method, n=n, step=step)
+        for name, method, n, step in finetuned_models()
+    ]
+
+
+def finetuned_prediction_files():
+    return [
+        layout.predictions(layout.FINETUNE_DIR, run=name, method=method, n=n, step=step, task=task)
+        for name, method, n, step in finetuned_models()
+        for task in FINETUNE["tasks"]
+    ]
+
+
+def finetuned_output(path):
+    return directory(path) if FINETUNE["keep"] else temp(directory(path))
+
+
+def finetune_options():
+    """The recipe (config key finetune.recipe) and the prompt layout as options of `ckpt-stability finetune`."""
+    recipe = FINETUNE["recipe"]
+    scalars = ("steps", "epochs", "learning_rate", "batch_size", "seed")
+    options = [f"--{key.replace('_', '-')} {recipe[key]}" for key in scalars if key in recipe]
+    options += [f"--lora-{key} {value}" for key, value in recipe.get("lora", {}).items()]
+    template = {key: value for key, value in config["prompt"].items() if key in ("header", "example")}
+    if template:
+        options.append(f"--prompt {shlex.quote(json.dumps(template, ensure_ascii=False))}")
+    if not config["prompt"]["add_special_tokens"]:
+        options.append("--no-special-tokens")
+    return " ".join(options)
+
+
 def indicator_options(wildcards, input):
     options = f"--perplexity-dir {layout.PERPLEXITY_DIR}" if input.perplexity else ""
     return options + (f" --targets {shlex.quote(input.targets)}" if input.targets else "")
@@ -276,4 +359,5 @@ def final_targets():
         "results/tables/improvement.csv",
         "results/tables/indicators.csv",
         "results/report/report.html",
+        *([layout.TARGETS] if FINETUNE else []),
     ]

@@ -1,10 +1,12 @@
-"""The embedded demo: its shared data, then one pretraining run per model size (see README, "Quick start")."""
+"""The embedded demo: its shared data (with its fine-tuning task), then one pretraining run per model size (see README,
+"Quick start")."""
 
 if config.get("demo"):
 
     rule demo_data:
         output:
             tasks=expand(f"{DEMO_ROOT}/tasks/{{task}}.json", task=DEMO_TASK_NAMES),
+            finetune=expand(f"{DEMO_ROOT}/finetune/{{split}}/{DEMO_FINETUNE_TASK}.json", split=["train", "test"]),
             heldout=f"{DEMO_ROOT}/heldout.txt",
             tokenizer=directory(f"{DEMO_ROOT}/tokenizer"),
         log:

@@ -22,7 +22,7 @@ rule evaluation_settings:
     conda:
         CPU_ENV
     params:
-        settings=json.dumps(evaluation_settings(), ensure_ascii=False),
+        settings=json.dumps(evaluation_settings(config["tasks"]), ensure_ascii=False),
     shell:
         "python -m ckpt_stability write-json --output {output:q} {params.settings:q} > {log:q} 2>&1"
 

@@ -7,7 +7,7 @@ rule indicators:
         plan="results/plan.json",
         scores="results/scores.parquet",
         perplexity=perplexity_files(),
-        targets=config.get("targets", []),
+        targets=indicator_targets(),
     output:
         table="results/tables/indicators.csv",
         markdown="results/tables/indicators.md",

@@ -9,6 +9,7 @@ rule report:
         improvement="results/tables/improvement.csv",
         indicators="results/tables/indicators.csv",
         settings="results/evaluation_settings.json",
+        targets=layout.TARGETS if FINETUNE else [],
         # the example-level view reads the raw predictions of every step
         predictions=[file for name in RUNS for file in prediction_files(name, RAW.name, 1, PLAN.runs[name], TASKS)],
     output:
@@ -27,6 +28,7 @@ rule report:
         CPU_ENV
     params:
         tables=lambda wildcards, input: os.path.dirname(input.stability),
+        targets=lambda wildcards, input: f"--targets {shlex.quote(input.targets)}" if input.targets else "",
     shell:
         "python -m ckpt_stability report --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
-        " --settings {input.settings:q} --output {output.report:q} > {log:q} 2>&1"
+        " --settings {input.settings:q} {params.targets} --output {output.report:q} > {log:q} 2>&1"

@@ -180,6 +180,42 @@ def indicators_figure(table: pd.DataFrame) -> MplFigure:
     return figure
 
 
+PAIR_SETS = {"pairwise_accuracy": "all pairs", "accuracy_within_run": "pairs within a run",
+             "accuracy_across_runs": "pairs across runs"}
+
+
+def key_proxies_figure(rows: pd.DataFrame) -> MplFigure:
+    """The key proxies' pairwise accuracy over all pairs, the pairs within a run and those across runs."""
+    long = rows.melt(id_vars="proxy", value_vars=list(PAIR_SETS), var_name="pairs", value_name="accuracy")
+    long["pairs"] = long["pairs"].map(PAIR_SETS)
+    figure = MplFigure(figsize=(7.5, 1.2 + 0.55 * len(rows)), layout="constrained")
+    ax = figure.subplots()
+    sns.barplot(long, y="proxy", x="accuracy", hue="pairs", ax=ax, palette=["#555555", "#0173b2", "#de8f05"])
+    ax.axvline(0.5, color="#555555", ls="--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("pairwise accuracy (chance 0.5)", fontsize=9)
+    ax.set_ylabel("")
+    ax.tick_params(axis="y", labelsize=8)
+    ax.legend(fontsize=8, loc="lower right")
+    return figure
+
+
+def targets_figure(targets: pd.DataFrame, pretraining: pd.Series) -> MplFigure:
+    """Each run's fine-tuning outcome by step (solid), beside its raw checkpoints' overall score (dashed)."""
+    figure = MplFigure(figsize=(7.5, 3.2), layout="constrained")
+    ax = figure.subplots()
+    for number, (run, rows) in enumerate(targets.groupby("run", sort=False)):
+        color = sns.color_palette("colorblind")[number % 10]
+        ax.plot(rows["step"], rows["target"], marker="o", color=color, label=f"{run}: fine-tuned")
+        before = pretraining.xs(run, level="run") if run in pretraining.index.get_level_values("run") else None
+        if before is not None:
+            ax.plot(before.index, before.to_numpy(), ls="--", lw=1, color=color, label=f"{run}: raw, before")
+    ax.set_xlabel("step")
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8, ncols=2)
+    return figure
+
+
 def example_heatmap(task: str, segment: list[int], raw: RawTask) -> tuple[MplFigure, dict]:
     """Correct/incorrect per example and step for the examples whose raw score changes most often,
     ranked by changes in the final segment, then over all steps (the evaluated ones)."""

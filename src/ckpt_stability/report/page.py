@@ -17,8 +17,10 @@ from ckpt_stability.stability import excluded_models
 from ckpt_stability.report.style import (HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_SCORE_PROXIES, METHODS,
                                          METHOD_LABELS, RAW)
 from ckpt_stability.report.inputs import RawTask, ScoreSeries, read_raw, read_csv_table
-from ckpt_stability.report.figures import (FigureWriter, example_heatmap, flips_figure, indicators_figure, safe_name,
-                                           trajectory_figure, window_figure)
+from ckpt_stability.indicators import score_proxies
+from ckpt_stability.report.figures import (FigureWriter, example_heatmap, flips_figure, indicators_figure,
+                                           key_proxies_figure, safe_name, targets_figure, trajectory_figure,
+                                           window_figure)
 from ckpt_stability.report.tables import STABILITY_SHOWN, INDICATOR_COLUMNS, IMPROVEMENT_SHOWN, table_cell, html_table
 from ckpt_stability.report.summary import summarise
 from ckpt_stability.report.provenance import settings_section
@@ -83,28 +85,54 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
     }
 
 
-def indicators_section(table: pd.DataFrame, figures: FigureWriter) -> dict:
-    scores = table[table["kind"] == "score"].dropna(subset=["pairwise_accuracy"])
+def key_proxies(table: pd.DataFrame) -> pd.DataFrame:
+    """The proxies of Zeng et al.'s question: the raw checkpoint's 1/PPL and overall score, the best
+    stabilised overall score, and the learned comparator (those the table has)."""
+    overall = table[(table["kind"] == "score") & (table["task"] == "overall")].dropna(subset=["pairwise_accuracy"])
+    stabilised = overall[overall["method"] != RAW].head(1)
+    chosen = [table[table["proxy"] == f"1/PPL {RAW}1"], overall[overall["method"] == RAW], stabilised,
+              table[table["kind"] == "comparator"]]
+    return pd.concat(chosen).dropna(subset=["pairwise_accuracy"])
+
+
+def indicators_section(table: pd.DataFrame, figures: FigureWriter, scores: pd.DataFrame,
+                       targets: pd.DataFrame | None) -> dict:
+    scores_rows = table[table["kind"] == "score"].dropna(subset=["pairwise_accuracy"])
     perplexity = table[table["kind"] == "perplexity"].dropna(subset=["pairwise_accuracy"])
     comparator = table[table["kind"] == "comparator"].dropna(subset=["pairwise_accuracy"])
-    raw = scores[scores["method"] == RAW]
-    stabilised = scores[scores["method"] != RAW]
-    return {
+    raw = scores_rows[scores_rows["method"] == RAW]
+    stabilised = scores_rows[scores_rows["method"] != RAW]
+    key = key_proxies(table)
+    section = {
         "target": table["target"].iloc[0] if len(table) else "",
-        "best": scores.iloc[0].to_dict() if len(scores) else None,
+        "best": scores_rows.iloc[0].to_dict() if len(scores_rows) else None,
         "best_raw": raw.iloc[0].to_dict() if len(raw) else None,
         "best_stabilised": stabilised.iloc[0].to_dict() if len(stabilised) else None,
         "perplexity": perplexity.iloc[0].to_dict() if len(perplexity) else None,
         "comparator": comparator.iloc[0].to_dict() if len(comparator) else None,
-        "figure": figures.save(indicators_figure(table), "indicators/pairwise_accuracy",
-                               "Pairwise accuracy of the proxies",
-                               f"The {INDICATOR_SCORE_PROXIES} best score proxies, every 1/PPL proxy and the learned "
-                               f"comparator (its bar: the mean over random splits of the models, with their "
-                               f"standard deviation). Chance is 0.5."),
+        "key": [row._asdict() for row in key.itertuples(index=False)],
+        "figures": [figures.save(indicators_figure(table), "indicators/pairwise_accuracy",
+                                 "Pairwise accuracy of the proxies",
+                                 f"The {INDICATOR_SCORE_PROXIES} best score proxies, every 1/PPL proxy and the "
+                                 f"learned comparator (its bar: the mean over random splits of the models, with "
+                                 f"their standard deviation). Chance is 0.5.")],
         "table": {"columns": INDICATOR_COLUMNS,
                   "rows": [[table_cell(column, value) for column, value in zip(INDICATOR_COLUMNS, row)]
                            for row in table[INDICATOR_COLUMNS].itertuples(index=False)]},
     }
+    if len(key):
+        section["figures"].append(figures.save(
+            key_proxies_figure(key), "indicators/key_proxies", "The key proxies, within and across runs",
+            "Pairwise accuracy over all pairs of models, over the pairs of two checkpoints of one run (which "
+            "checkpoint to pick) and over the pairs of checkpoints of two runs (which run to pick)."))
+    if targets is not None:
+        finetuned = targets[(targets["method"] == RAW) & targets["target"].notna()]
+        section["figures"].append(figures.save(
+            targets_figure(finetuned, score_proxies(scores).get(f"overall {RAW}1", pd.Series(dtype=float))),
+            "indicators/targets", "The fine-tuning outcome of each checkpoint",
+            f"Each fine-tuned raw checkpoint's overall score on the target tasks ({' '.join(set(finetuned['tasks']))}; "
+            f"solid), beside the same checkpoint's overall score on the evaluation tasks before fine-tuning (dashed)."))
+    return section
 
 
 def template_environment() -> Environment:
@@ -116,9 +144,11 @@ def template_environment() -> Environment:
     return environment
 
 
-def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output: Path) -> None:
+def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output: Path,
+                 targets: Path | None = None) -> None:
     """Write ``output`` (the HTML page) and its figures under ``figures/`` beside it; the indicators
-    section when ``tables`` holds indicators.csv."""
+    section when ``tables`` holds indicators.csv, with the fine-tuning outcomes of ``targets`` (the
+    fine-tuning stage's targets.csv) when given."""
     plan = Plan.from_json(plan)
     scores_frame = pd.read_parquet(scores)
     stability = read_csv_table(tables / "stability.csv")
@@ -133,7 +163,7 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
         writer = FigureWriter(directory, "figures")
         runs = [run_section(plan, run, scores_frame, stability, improvement, raw[run], writer) for run in plan.runs]
         indicators = (indicators_section(pd.read_csv(tables / "indicators.csv", dtype={"task": str, "target": str}),
-                                         writer)
+                                         writer, scores_frame, read_csv_table(targets) if targets else None)
                       if (tables / "indicators.csv").is_file() else None)
     settings_view, warnings = settings_section(plan, settings_data, raw)
     page = template_environment().get_template("report.html.j2").render(
