@@ -1,13 +1,12 @@
 """Stability metrics, final segment, ensembles and aggregation, on hand-made data with hand-computed values."""
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from ckpt_stability.ensemble import combine, ensemble_window, prob, vote
 from ckpt_stability.errors import InputError
 from ckpt_stability.plan import Plan, final_segment
-from ckpt_stability.predictions import Predictions, read_predictions, write_predictions
+from ckpt_stability.predictions import Predictions, write_predictions
 from ckpt_stability.stability import (example_metrics, gather_scores, improvement_table, series_metrics,
                                       stability_table)
 
