@@ -71,19 +71,16 @@ def run_job(job: EvaluationJob, loaded: LoadedModel) -> None:
     """Evaluate ``job.model`` on ``loaded``'s backend (loaded, reused or swapped as ``LoadedModel.load``
     decides): every task's predictions and, when asked, the perplexity; an unusable model is recorded as
     such under ``record_unusable`` and raises UnusableCheckpoint otherwise."""
-    from ckpt_stability.checkpoints import check_model_dir
     from ckpt_stability.errors import InputError, UnusableCheckpoint
     from ckpt_stability.evaluate import evaluate_model, measure_perplexity, record_excluded
-    from ckpt_stability.outcomes import check_finite, check_not_excluded, loading_failure
+    from ckpt_stability.outcomes import check_usable, loading_failure
 
     settings = load_settings(job)
     if bool(job.perplexity_text) != bool(job.perplexity_output):
         raise InputError("--perplexity-text and --perplexity-output go together")
     model = Path(job.model)
     try:
-        check_not_excluded(model)
-        check_model_dir(model)
-        check_finite(model)
+        check_usable(model)
         options = dataclasses.replace(job.backend, add_special_tokens=settings.add_special_tokens)
         try:
             backend = loaded.load(job.model, options)

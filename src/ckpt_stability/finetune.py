@@ -100,12 +100,6 @@ def _tokenize(tokenizer, data: InstructionData, add_special_tokens: bool, contex
     return features
 
 
-def _stored_dtype(model_dir: Path) -> str:
-    """The dtype the checkpoint's config declares (float32 when it declares none)."""
-    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return config.get("dtype") or config.get("torch_dtype") or "float32"
-
-
 def _loss_watch(total_steps: int, model_dir: Path):
     """A Trainer callback that logs the loss ten times per fine-tune and stops a diverged one at once."""
     from transformers import TrainerCallback
@@ -138,14 +132,12 @@ def finetune(model_dir: str | Path, data: InstructionData, recipe: Recipe, outpu
                               Trainer, TrainingArguments, set_seed)
 
     from ckpt_stability.backends.transformers import no_progress_bars
-    from ckpt_stability.checkpoints import check_model_dir
-    from ckpt_stability.outcomes import check_finite, check_not_excluded, loading_failure
+    from ckpt_stability.checkpoints import read_config
+    from ckpt_stability.outcomes import check_usable, loading_failure
 
     started = time.perf_counter()
     model_dir = Path(model_dir)
-    check_not_excluded(model_dir)
-    check_model_dir(model_dir)
-    check_finite(model_dir)
+    check_usable(model_dir)
     if threads:
         torch.set_num_threads(threads)
     set_seed(recipe.seed)
@@ -188,7 +180,8 @@ def finetune(model_dir: str | Path, data: InstructionData, recipe: Recipe, outpu
     for name, parameter in model.named_parameters():
         if not torch.isfinite(parameter).all():
             raise Diverged(f"{model_dir}: fine-tuning diverged: tensor {name!r} is no longer finite")
-    model = model.to(device="cpu", dtype=getattr(torch, _stored_dtype(model_dir)))
+    config = read_config(model_dir)  # saved in the dtype the checkpoint declares (float32 when it declares none)
+    model = model.to(device="cpu", dtype=getattr(torch, config.get("dtype") or config.get("torch_dtype") or "float32"))
     with atomic_directory(Path(output)) as directory, no_progress_bars():
         model.save_pretrained(directory, safe_serialization=True)
         AutoTokenizer.from_pretrained(model_dir).save_pretrained(directory)

@@ -17,10 +17,10 @@ the paper: p_i - p_j, p_i * p_j, p_i and p_j over all proxies) is evaluated by r
 of the models into halves: trained on the pairs within one half, scored on the pairs within the other;
 its mean and spread over the splits are reported.
 
-The target is the fine-tuning stage's ``targets.csv`` (``targets``: each raw checkpoint's score after
-fine-tuning) when the workflow fine-tunes, or a CSV of the user's (which wins). Without either, the final checkpoint's stabilised score stands in as the target for the earlier
-checkpoints of its run: the overall score at the run's last step with the largest window (of ``avg``,
-else ``vote``, else raw). Every checkpoint of a run then shares one target, so the stand-in orders runs,
+The target is a CSV of the user's or, when the workflow fine-tunes, the fine-tuning stage's ``targets.csv``
+(``targets``: each raw checkpoint's score after fine-tuning). Without either, the final checkpoint's
+stabilised score stands in as the target for the earlier checkpoints of its run: the overall score at
+the run's last step with the largest window (of ``avg``, else ``vote``, else raw). Every checkpoint of a run then shares one target, so the stand-in orders runs,
 not the checkpoints within a run: it answers "which early signal picks the run that ends best", and
 needs two runs or more.
 """

@@ -39,6 +39,17 @@ def check_not_excluded(model_dir: Path) -> None:
         raise UnusableCheckpoint(json.loads(marker.read_text(encoding="utf-8"))[EXCLUDED_KEY])
 
 
+def check_usable(model_dir: Path) -> None:
+    """Refuse, before loading it, a model that is unusable for a reason of its own (UnusableCheckpoint): an
+    average that was not built (its recorded reason), a broken checkpoint (``checkpoints.check_model_dir``),
+    non-finite weights (``check_finite``)."""
+    from ckpt_stability.checkpoints import check_model_dir
+
+    check_not_excluded(model_dir)
+    check_model_dir(model_dir)
+    check_finite(model_dir)
+
+
 TRANSIENT_ERRNOS = frozenset({errno.ENOSPC, errno.ENOMEM, errno.EIO, errno.EDQUOT, errno.EINTR, errno.ESTALE})
 
 

@@ -255,6 +255,27 @@ def perplexity_options(wildcards, input, output):
     return f"--perplexity-text {shlex.quote(input.heldout)} --perplexity-output {shlex.quote(output.perplexity)}"
 
 
+# An evaluation job's command (rules evaluate and evaluate_finetuned, with the params of inference_params()),
+# to which each rule adds its own options and its log.
+EVALUATE_COMMAND = (
+    "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
+    " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
+    " --batch-size {params.batch_size} --threads {threads} --record-unusable"
+    " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
+    " --meta step={wildcards.step}"
+)
+
+
+def inference_params():
+    """The params that EVALUATE_COMMAND reads."""
+    return {
+        "output_dir": lambda wildcards, output: os.path.dirname(output.predictions[0]),
+        "backend": config["backend"],
+        "dtype": config["dtype"],
+        "batch_size": config["batch_size"],
+    }
+
+
 def set_engine_environment():
     """The evaluation engine's settings (config key engine), for the evaluation jobs, which inherit them."""
     engine = config["engine"]

@@ -51,20 +51,12 @@ rule evaluate:
     # the engine's settings reach the job through the environment (common.smk, set_engine_environment), not
     # as a param: the engine changes no result, so changing its settings re-evaluates nothing
     params:
+        **inference_params(),
         # the members of an averaged model: a change of membership re-evaluates it
         members=window_steps,
-        output_dir=lambda wildcards, output: os.path.dirname(output.predictions[0]),
         perplexity=perplexity_options,
-        backend=config["backend"],
-        dtype=config["dtype"],
-        batch_size=config["batch_size"],
     shell:
-        "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
-        " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
-        " --batch-size {params.batch_size} --threads {threads} --record-unusable"
-        " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
-        " --meta step={wildcards.step} --meta members={params.members:q} {params.perplexity}"
-        " > {log:q} 2>&1"
+        f"{EVALUATE_COMMAND} --meta members={{params.members:q}} {{params.perplexity}} > {{log:q}} 2>&1"
 
 
 onsuccess:

@@ -65,16 +65,9 @@ if FINETUNE:
             gpu=1 if INFERENCE_ON_GPU else 0,
             engine=1,
         params:
-            output_dir=lambda wildcards, output: os.path.dirname(output.predictions[0]),
-            backend=config["backend"],
-            dtype=config["dtype"],
-            batch_size=config["batch_size"],
+            **inference_params(),
         shell:
-            "python -m ckpt_stability evaluate --model {input.model:q} --settings {input.settings:q}"
-            " --output-dir {params.output_dir:q} --backend {params.backend} --dtype {params.dtype}"
-            " --batch-size {params.batch_size} --threads {threads} --record-unusable"
-            " --meta run={wildcards.run:q} --meta method={wildcards.method} --meta window={wildcards.n}"
-            " --meta step={wildcards.step} --meta stage=finetune > {log:q} 2>&1"
+            f"{EVALUATE_COMMAND} --meta stage=finetune > {{log:q}} 2>&1"
 
     rule targets:
         input:
