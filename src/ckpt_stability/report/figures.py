@@ -196,7 +196,7 @@ def key_proxies_figure(rows: pd.DataFrame) -> MplFigure:
     ax.set_xlabel("pairwise accuracy (chance 0.5)", fontsize=9)
     ax.set_ylabel("")
     ax.tick_params(axis="y", labelsize=8)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=3, frameon=False)
     return figure
 
 
