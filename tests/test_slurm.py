@@ -95,39 +95,35 @@ def test_every_job_went_through_sbatch(slurm_run):
 
 def test_the_results_equal_a_local_run(slurm_run, local_run):
     workdir, _ = slurm_run
-    keys = ["run", "task", "method", "window", "step"]
-    on_slurm, local = (pd.read_parquet(d / "results" / "scores.parquet").sort_values(keys, ignore_index=True)
-                       for d in (workdir, local_run))
-    pd.testing.assert_frame_equal(on_slurm, local)
+    local = sorted((local_run / "results" / "predictions").rglob("*.parquet"))
+    assert len(local) == 7 * 3
+    for path in local:
+        columns = ["example_id", "prediction", "score", "choice_logprobs"]
+        packed_table = pd.read_parquet(workdir / path.relative_to(local_run), columns=columns)
+        pd.testing.assert_frame_equal(packed_table, pd.read_parquet(path, columns=columns))
     pd.testing.assert_frame_equal(pd.read_csv(workdir / "results" / "tables" / "stability.csv"),
                                   pd.read_csv(local_run / "results" / "tables" / "stability.csv"))
     assert (workdir / "results" / "report" / "report.html").is_file()
 
 
-def test_packed_models_share_one_engine_per_slurm_job(local_slurm, tiny_demo, tmp_path):
-    """12 models packed 4 per Slurm job (--group-components): 3 jobs, each evaluating its 4 models one after
-    the other through one engine, and the same scores as a local run."""
-    checkpoints = tmp_path / "checkpoints"
-    checkpoints.mkdir()
-    originals = sorted((tiny_demo / "checkpoints").iterdir())
-    for number in range(12):  # 12 steps of a run, made of the tiny demo's 4 checkpoints
-        (checkpoints / f"checkpoint-{10 * (number + 1)}").symlink_to(originals[number % 4])
-    config = {**small_config(checkpoints, tiny_demo / "tasks"), "windows": [1], "methods": []}
-    workdirs = {name: tmp_path / name for name in ("local", "slurm")}
-    for workdir in workdirs.values():
-        workdir.mkdir()
-    run(workdirs["local"], config)
-    log = run(workdirs["slurm"], config, "--profile", str(ROOT / "profiles" / "slurm"),
+def test_packed_models_share_one_engine_per_slurm_job(local_slurm, config, local_run, tmp_path):
+    """The 7 models (4 raw, 3 averaged) packed 4 per Slurm job (--group-components): 2 jobs, each evaluating
+    its models one after the other through one engine, and the same predictions as the local run (the
+    reductions are left out: the other tests run them on Slurm)."""
+    workdir = tmp_path / "packed"
+    workdir.mkdir()
+    log = run(workdir, config, "--profile", str(ROOT / "profiles" / "slurm"), "--until", "evaluate",
               "--group-components", "average_and_evaluate=4", "--set-resources", "evaluate:gpu=0",
               "evaluate:mem_mb=2000", "--slurm-init-seconds-before-status-checks", "5")
-    evaluations = [job for job, (_, comment) in sacct(workdirs["slurm"]).items()
-                   if comment == "rule_average_and_evaluate_evaluate"]
-    assert len(evaluations) == 3, log[-3000:]
-    job_logs = [path.read_text() for path in (workdirs["slurm"] / "logs" / "evaluate").rglob("*.log")]
-    assert len(job_logs) == 12
-    assert sum(text.count("started evaluation engine") for text in job_logs) == 3
-    assert sum("swapped in" in text for text in job_logs) == 9
-    keys = ["run", "task", "method", "window", "step"]
-    on_slurm, local = (pd.read_parquet(d / "results" / "scores.parquet").sort_values(keys, ignore_index=True)
-                       for d in workdirs.values())
-    pd.testing.assert_frame_equal(on_slurm, local)
+    packed = [job for job, (_, comment) in sacct(workdir).items() if comment.startswith("rule_average_and_evaluate")]
+    assert len(packed) == 2, log[-3000:]
+    job_logs = [path.read_text() for path in (workdir / "logs" / "evaluate").rglob("*.log")]
+    assert len(job_logs) == 7
+    assert sum(text.count("started evaluation engine") for text in job_logs) == 2
+    assert sum("swapped in" in text for text in job_logs) == 5
+    local = sorted((local_run / "results" / "predictions").rglob("*.parquet"))
+    assert len(local) == 7 * 3
+    for path in local:
+        columns = ["example_id", "prediction", "score", "choice_logprobs"]
+        packed_table = pd.read_parquet(workdir / path.relative_to(local_run), columns=columns)
+        pd.testing.assert_frame_equal(packed_table, pd.read_parquet(path, columns=columns))
