@@ -127,11 +127,12 @@ def indicators_section(table: pd.DataFrame, figures: FigureWriter, scores: pd.Da
             "checkpoint to pick) and over the pairs of checkpoints of two runs (which run to pick)."))
     if targets is not None:
         finetuned = targets[(targets["method"] == RAW) & targets["target"].notna()]
+        target_tasks = " ".join(sorted(set(finetuned["tasks"])))
         section["figures"].append(figures.save(
             targets_figure(finetuned, score_proxies(scores).get(f"overall {RAW}1", pd.Series(dtype=float))),
             "indicators/targets", "The fine-tuning outcome of each checkpoint",
-            f"Each fine-tuned raw checkpoint's overall score on the target tasks ({' '.join(set(finetuned['tasks']))}; "
-            f"solid), beside the same checkpoint's overall score on the evaluation tasks before fine-tuning (dashed)."))
+            f"Each fine-tuned raw checkpoint's overall score on the target tasks ({target_tasks}; solid), beside "
+            f"the same checkpoint's overall score on the evaluation tasks before fine-tuning (dashed)."))
     return section
 
 
