@@ -21,8 +21,8 @@ The target is a CSV of the user's or, when the workflow fine-tunes, the fine-tun
 (``targets``: each raw checkpoint's score after fine-tuning). Without either, the final checkpoint's
 stabilised score stands in as the target for the earlier checkpoints of its run: the overall score at
 the run's last step with the largest window (of ``avg``, else ``vote``, else raw). Every checkpoint of a
-run then shares one target, so the stand-in orders runs, not the checkpoints within a run: it answers "which early signal picks the run that ends best", and
-needs two runs or more.
+run then shares one target, so the stand-in orders runs, not the checkpoints within a run: it answers
+"which early signal picks the run that ends best", and needs two runs or more.
 """
 
 from __future__ import annotations
