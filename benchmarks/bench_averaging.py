@@ -8,10 +8,15 @@ other and with the fp32-accumulated mean ``((x_1.float() + ... + x_n.float()) / 
 computed here with torch.
 
 mergekit lives in its own virtual environment, benchmarks/.venv-mergekit, created on the first run
-(torch==2.13.0 first, the CPU build, then mergekit), so that it cannot disturb the project's.
+(torch==2.13.0 first, the CPU build, then mergekit), so that it cannot disturb the project's. --ours-only
+leaves mergekit out (nothing is installed): ``cat`` and ``ckpt-stability average`` are timed and our output
+is compared with the fp32-accumulated mean; the tests run it so, since the install takes about 40 s and
+1.6 GB.
 
     python benchmarks/bench_averaging.py                          # 8 x ~1 GB
     python benchmarks/bench_averaging.py --count 4 --size-mb 420  # the issue's reference case
+    python benchmarks/bench_averaging.py --count 2 --size-mb 100 --repeat 1              # a quick check
+    python benchmarks/bench_averaging.py --count 2 --size-mb 100 --repeat 1 --ours-only  # quicker, no mergekit
 """
 
 from __future__ import annotations
@@ -30,7 +35,6 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from ckpt_stability.checkpoints import incomplete_reason
 
@@ -46,9 +50,11 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/bench_averaging"),
                         help="inputs are kept here between runs, outputs are replaced (default %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="runs of each tool; the best is reported")
+    parser.add_argument("--ours-only", action="store_true",
+                        help="leave mergekit out (not installed, not run): time and check ckpt-stability alone")
     args = parser.parse_args()
 
-    mergekit_yaml = ensure_mergekit()
+    mergekit_yaml = None if args.ours_only else ensure_mergekit()
     inputs = make_checkpoints(args.workdir / f"bf16-{args.count}x{args.size_mb}MB", args.count, args.size_mb)
     files = [path / "model.safetensors" for path in inputs]
     total = sum(file.stat().st_size for file in files)
@@ -58,26 +64,31 @@ def main() -> None:
     ours_out, mergekit_out = args.workdir / "out-ckpt-stability", args.workdir / "out-mergekit"
     ours_cmd = [str(PROJECT_BIN / "ckpt-stability"), "average", "--output", str(ours_out),
                 *map(str, inputs)]
-    mergekit_config = args.workdir / "mergekit.yml"
-    mergekit_config.write_text(
-        "merge_method: linear\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
-        + "".join(f"  - model: {path}\n    parameters:\n      weight: 1.0\n" for path in inputs))
-    mergekit_cmd = [str(mergekit_yaml), str(mergekit_config), str(mergekit_out), "--quiet",
-                    "--no-write-model-card", "--no-copy-tokenizer"]
 
     timed(["cat", *map(str, files)], stdout=subprocess.DEVNULL)  # warm the page cache
     cat = best(args.repeat, lambda: timed(["cat", *map(str, files)], stdout=subprocess.DEVNULL))
     ours = best(args.repeat, lambda: timed(ours_cmd, clear=ours_out))
-    mergekit = best(args.repeat, lambda: timed(mergekit_cmd, clear=mergekit_out,
-                                               env={**os.environ, "HF_HUB_OFFLINE": "1"}))
+    results = {"cat (page cache)": cat, "ckpt-stability average": ours}
+    outputs = {"ckpt-stability average": ours_out}
+    if mergekit_yaml:
+        mergekit_config = args.workdir / "mergekit.yml"
+        mergekit_config.write_text(
+            "merge_method: linear\ndtype: float32\nout_dtype: bfloat16\nmodels:\n"
+            + "".join(f"  - model: {path}\n    parameters:\n      weight: 1.0\n" for path in inputs))
+        mergekit_cmd = [str(mergekit_yaml), str(mergekit_config), str(mergekit_out), "--quiet",
+                        "--no-write-model-card", "--no-copy-tokenizer"]
+        results["mergekit linear"] = best(args.repeat, lambda: timed(mergekit_cmd, clear=mergekit_out,
+                                                                     env={**os.environ, "HF_HUB_OFFLINE": "1"}))
+        outputs["mergekit linear"] = mergekit_out
 
     print(f"\n{'':28}{'wall s':>9}{'peak RSS MB':>13}")
-    for label, (seconds, rss) in [("cat (page cache)", cat), ("ckpt-stability average", ours),
-                                  ("mergekit linear", mergekit)]:
+    for label, (seconds, rss) in results.items():
         print(f"{label:28}{seconds:9.2f}{rss / 1e6:13.0f}   {total / seconds / 1e9:.1f} GB/s read")
-    print(f"speed-up {mergekit[0] / ours[0]:.1f}x (goal >= 3x); peak RSS {ours[1] / mergekit[1]:.1%} of "
-          f"mergekit's (goal <= 25%)", flush=True)
-    compare(inputs, ours_out, mergekit_out)
+    if mergekit_yaml:
+        mergekit = results["mergekit linear"]
+        print(f"speed-up {mergekit[0] / ours[0]:.1f}x (goal >= 3x); peak RSS {ours[1] / mergekit[1]:.1%} of "
+              f"mergekit's (goal <= 25%)", flush=True)
+    compare(inputs, outputs)
 
 
 def ensure_mergekit() -> Path:
@@ -96,6 +107,9 @@ def ensure_mergekit() -> Path:
 
 def make_checkpoints(root: Path, count: int, size_mb: int) -> list[Path]:
     """``count`` bf16 Llama checkpoints of about ``size_mb`` MB, random weights; reused when present."""
+    # imported after ckpt_stability, which hides CUDA builds of torchvision beside a CPU torch (torch_builds)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     hidden, intermediate, vocab = 1024, 2816, 32000
     per_layer = 4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden
     layers = max(1, round((size_mb * 1e6 / 2 - 2 * vocab * hidden - hidden) / per_layer))
@@ -150,10 +164,11 @@ def best(repeat: int, measure) -> tuple[float, int]:
     return min(seconds for seconds, _ in runs), max(rss for _, rss in runs)
 
 
-def compare(inputs: list[Path], ours: Path, mergekit: Path) -> None:
-    """Max |ours - mergekit| and bit-identity of each with the fp32-accumulated mean, tensor by tensor."""
+def compare(inputs: list[Path], output_dirs: dict[str, Path]) -> None:
+    """Bit-identity of each tool's output with the fp32-accumulated mean, tensor by tensor, and with two tools the
+    max |ours - mergekit|."""
     members = [tensor_files(path) for path in inputs]
-    outputs = {"ckpt-stability average": tensor_files(ours), "mergekit linear": tensor_files(mergekit)}
+    outputs = {tool: tensor_files(directory) for tool, directory in output_dirs.items()}
     identical = dict.fromkeys(outputs, True)
     max_diff = 0.0
     for name in sorted(members[-1]):
@@ -165,9 +180,11 @@ def compare(inputs: list[Path], ours: Path, mergekit: Path) -> None:
         for tool, tensor in got.items():
             identical[tool] &= tensor.dtype == torch.bfloat16 and torch.equal(
                 tensor.view(torch.int16), reference.view(torch.int16))
-        first, second = got.values()
-        max_diff = max(max_diff, (first.float() - second.float()).abs().max().item())
-    print(f"max |ckpt-stability - mergekit| = {max_diff:g}")
+        if len(got) == 2:
+            first, second = got.values()
+            max_diff = max(max_diff, (first.float() - second.float()).abs().max().item())
+    if len(outputs) == 2:
+        print(f"max |ckpt-stability - mergekit| = {max_diff:g}")
     for tool, same in identical.items():
         print(f"{tool}: {'bit-identical to' if same else 'DIFFERS from'} the fp32-accumulated mean")
 

@@ -35,11 +35,12 @@ SECONDS = re.compile(r"\((\d+\.\d+) s\)$")
 
 
 def demo_config(demo: Path, checkpoints: Path, engine: bool) -> dict:
-    """The demo's config (tasks, prompts, batch size) on the given checkpoints, raw models only."""
+    """The demo's config (tasks, prompts, batch size) on the given checkpoints, raw models only, no fine-tunes."""
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     for task in config["tasks"].values():
         task["path"] = str(demo / "tasks" / Path(task["path"]).name)
     config.pop("demo")
+    config.pop("finetune")
     return {**config, "runs": {"bench": f"{checkpoints}/checkpoint-{{step}}"}, "windows": [1], "methods": [],
             "perplexity_text": str(demo / "heldout.txt"), "backend": "transformers", "engine": {"enabled": engine}}
 
@@ -61,7 +62,7 @@ def measure(demo: Path, checkpoints: Path, engine: bool, workdir: Path) -> tuple
     result = subprocess.run(command, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if result.returncode != 0:
-        sys.exit(f"snakemake failed in {workdir}:\n{result.stderr[-4000:]}")
+        sys.exit(f"snakemake failed in {workdir}:\n{result.stdout[-2000:]}{result.stderr[-4000:]}")
     return wall, inference_seconds(workdir / "logs" / "evaluate")
 
 

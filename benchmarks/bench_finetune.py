@@ -10,9 +10,11 @@ each as the workflow runs them, on the recipe's thread count, and reports per fi
   transformers' Trainer.
 
 Needs the demo's checkpoints (run `snakemake` first), or --demo to pretrain them here (a few minutes).
+--demo-dir reads another directory of the demo's layout (``finetune/train/``, ``<run>/checkpoint-*``).
 
     python benchmarks/bench_finetune.py              # 3 checkpoints of each run
     python benchmarks/bench_finetune.py --models 1   # quicker
+    python benchmarks/bench_finetune.py --models 1 --runs base --demo-dir DIR  # one run of another demo
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def plain_loop_seconds(model_dir: Path, data_path: Path, steps: int, learning_rate: float, batch_size: int,
                        threads: int) -> float:
     """The same fine-tune as a hand-written loop: the baseline of the Trainer's training loop."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
-
+    # ckpt_stability first: it hides CUDA builds of torchvision beside a CPU torch (torch_builds)
     from ckpt_stability.backends.transformers import no_progress_bars
     from ckpt_stability.finetune import IGNORED_LABEL, _tokenize
     from ckpt_stability.instruction_data import read_instruction_data
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -65,16 +68,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", type=int, default=3, help="checkpoints fine-tuned per run")
     parser.add_argument("--demo", action="store_true", help="pretrain the demo's runs first (in a temporary folder)")
-    args = parser.parse_args()
+    parser.add_argument("--demo-dir", type=Path, default=ROOT / "results" / "demo",
+                        help="the demo's directory when not --demo (default %(default)s)")
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    parser.add_argument("--runs", nargs="+", choices=sorted(config["runs"]), default=list(config["runs"]),
+                        help="the demo runs to fine-tune (default: all)")
+    args = parser.parse_args()
     finetune = config["finetune"]
     recipe = finetune["recipe"]
     with tempfile.TemporaryDirectory() as scratch:
-        demo = ROOT / "results" / "demo"
+        demo = args.demo_dir
         if args.demo:
             demo = Path(scratch) / "demo"
             subprocess.run([sys.executable, "-m", "ckpt_stability", "demo", "data", "--output", str(demo)], check=True)
-            for size in config["runs"]:
+            for size in args.runs:
                 subprocess.run([sys.executable, "-m", "ckpt_stability", "demo", "train", "--data", str(demo),
                                 "--size", size, "--output", str(demo / size)], check=True)
         data = demo / "finetune" / "train" / Path(finetune["data"]).name
@@ -82,7 +89,7 @@ def main() -> None:
             sys.exit(f"{data}: missing; run `snakemake` (the demo) first, or pass --demo")
         print(f"recipe: {recipe}; {finetune['threads']} thread(s) per fine-tune; data {data}")
         print(f"{'run':6} {'checkpoint':>14} {'process s':>10} {'fine-tune s':>12} {'plain loop s':>13}")
-        for run in config["runs"]:
+        for run in args.runs:
             checkpoints = sorted((demo / run).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
             chosen = checkpoints[len(checkpoints) - 1::-max(1, len(checkpoints) // args.models)][: args.models]
             walls, inner, plain = [], [], []

@@ -10,10 +10,13 @@ examples on which both predict the same label. Goals (issue #4): >= 99% identica
 our throughput at least 2x lm-eval's.
 
 lm-eval (PyPI `lm-eval`, HF backend) is installed into its own venv, benchmarks/.venv-lmeval, on first
-use (torch 2.13.0 first, so that pip takes the local CPU build).
+use (torch 2.13.0 first, so that pip takes the local CPU build). --ours-only leaves lm-eval out (nothing is
+installed) and times `ckpt-stability evaluate` alone; the tests run it so, since the install takes about a
+minute and 1.8 GB.
 
     python benchmarks/bench_inference.py                          # the demo's NLI task, last checkpoint
     python benchmarks/bench_inference.py --task tests/data/jglue/jnli.json --model results/demo/base/checkpoint-480
+    python benchmarks/bench_inference.py --ours-only              # quicker: no lm-eval, no comparison
 """
 
 from __future__ import annotations
@@ -82,6 +85,8 @@ def main() -> None:
     parser.add_argument("--num-fewshot", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ours-only", action="store_true",
+                        help="leave lm-eval out (not installed, not run): time ckpt-stability evaluate alone")
     args = parser.parse_args()
 
     from ckpt_stability.predictions import read_predictions
@@ -100,6 +105,13 @@ def main() -> None:
                       "--backend", "transformers", "--batch-size", str(args.batch_size),
                       "--threads", str(args.threads), "--output-dir", str(tmp / "ours")], env)
         our_predictions = read_predictions(tmp / "ours" / f"{task_file.stem}.parquet").prediction
+        examples = len(our_predictions)
+        print(f"task {task_file.name}: {examples} examples, {args.num_fewshot}-shot, {len(task.label_list)} "
+              f"choices; model {model}")
+        print(f"{'tool':<24}{'wall s':>8}{'examples/s':>12}")
+        print(f"{'ckpt-stability evaluate':<24}{ours:8.2f}{examples / ours:12.1f}")
+        if args.ours_only:
+            return
 
         name = write_lmeval_task(task, prompts, tmp)
         theirs = timed([str(lmeval_python()), "-m", "lm_eval", "--model", "hf", "--model_args",
@@ -113,12 +125,7 @@ def main() -> None:
             loglikelihoods = [float(response[0]) for response in record["filtered_resps"]]
             their_predictions[record["doc"]["id"]] = task.label_list[loglikelihoods.index(max(loglikelihoods))]
 
-    examples = len(task.samples)
     same = sum(ours == their_predictions[i] for i, ours in enumerate(our_predictions))
-    print(f"task {task_file.name}: {examples} examples, {args.num_fewshot}-shot, {len(task.label_list)} choices; "
-          f"model {model}")
-    print(f"{'tool':<24}{'wall s':>8}{'examples/s':>12}")
-    print(f"{'ckpt-stability evaluate':<24}{ours:8.2f}{examples / ours:12.1f}")
     print(f"{'lm-eval (hf)':<24}{theirs:8.2f}{examples / theirs:12.1f}")
     print(f"throughput ratio (ours / lm-eval): {theirs / ours:.2f}x   (goal: >= 2x)")
     print(f"identical predictions: {same}/{examples} = {same / examples:.1%}   (goal: >= 99%)")

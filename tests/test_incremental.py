@@ -10,7 +10,8 @@ import yaml
 from helpers import small_config, snakemake
 
 # Jobs that run whenever the run's checkpoints change: the plan lists the steps, and every reduction reads it.
-REDUCTIONS = {("plan", ""), ("scores", ""), ("stability", ""), ("indicators", ""), ("report", ""), ("all", "")}
+REDUCTIONS = {("plan", ""), ("scores", ""), ("stability", ""), ("pick", ""), ("indicators", ""), ("report", ""),
+              ("all", "")}
 
 
 def jobs_for(step):

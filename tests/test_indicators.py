@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from ckpt_stability.errors import InputError
-from ckpt_stability.indicators import (comparator_accuracy, final_stabilised_targets, indicators_table,
-                                       kendall_tau, pair_masks, pairwise_accuracy, read_targets, score_proxies)
+from ckpt_stability.indicators import (ACCURACY_DRAWS, accuracy_interval, comparator_accuracy,
+                                       final_stabilised_targets, indicators_table, kendall_tau, pair_masks,
+                                       pairwise_accuracy, read_targets, score_proxies)
 from ckpt_stability.plan import Plan
 from helpers import with_context_length
 
@@ -185,3 +186,17 @@ def test_a_text_longer_than_the_context_is_scored_in_windows(tiny_model_dir, hel
     windowed = measure(short_context, heldout, tmp_path / "windowed")
     assert windowed["tokens"] == full["tokens"] > 4 * 256
     assert windowed["perplexity"] != pytest.approx(full["perplexity"], rel=1e-6)  # less context per token
+
+
+def test_accuracy_interval_is_the_bootstrap_over_models():
+    """Each draw's accuracy equals pairwise_accuracy on the models drawn (a model drawn twice is two models,
+    with equal targets: never a pair with itself); the interval is the percentile interval of those."""
+    rng = np.random.default_rng(3)
+    target = rng.normal(size=25).round(1)  # some equal targets: pairs not counted
+    proxy = target + rng.normal(scale=0.8, size=25)
+    proxy[:4] = proxy[0]  # some proxy ties: half a pair each
+    counts = np.random.default_rng(0).multinomial(25, np.full(25, 1 / 25), size=ACCURACY_DRAWS)
+    by_hand = [pairwise_accuracy(np.repeat(proxy, draw), np.repeat(target, draw))[0] for draw in counts]
+    low, high = accuracy_interval(proxy, target)
+    assert (low, high) == pytest.approx(tuple(np.quantile(by_hand, [0.025, 0.975])), abs=1e-6)
+    assert low < pairwise_accuracy(proxy, target)[0] < high

@@ -17,6 +17,7 @@ from matplotlib import image
 
 from ckpt_stability.indicators import indicators_table, read_targets, score_proxies
 from ckpt_stability.plan import Plan
+from ckpt_stability.pick import pick_tables
 from ckpt_stability.predictions import Predictions, write_predictions
 from ckpt_stability.report import build_report
 from ckpt_stability.stability import gather_scores, improvement_table, stability_table, write_scores, write_table
@@ -71,6 +72,9 @@ def report(tmp_path_factory) -> Path:
     write_scores(scores, root / "scores.parquet")
     write_table(stability, root / "tables" / "stability.csv")
     write_table(improvement_table(stability, scores), root / "tables" / "improvement.csv")
+    pick, pick_checkpoints = pick_tables(plan, scores)
+    write_table(pick, root / "tables" / "pick.csv")
+    pick_checkpoints.to_parquet(root / "tables" / "pick_checkpoints.parquet")
     # a fine-tuning outcome that grows with the step (the stage's targets.csv): the proxies of these alternating
     # series order it partly
     (root / "targets.csv").write_text("run,step,method,window,target,tasks,recipe,excluded\n" + "".join(
@@ -108,7 +112,7 @@ def test_every_task_method_and_run_appears(html):
 
 def test_figures_are_files_and_embedded(report, html):
     figures = sorted((report.parent / "figures").rglob("*.png"))
-    expected = {"trajectories_tasks", "trajectories_categories", "stability_by_window", "ever_flipped",
+    expected = {"trajectories_tasks", "trajectories_categories", "stability_by_window", "ever_flipped", "pick",
                 *(f"examples_{task}" for task in TASKS)}
     assert ({(path.parent.name, path.stem) for path in figures}
             == {(run, name) for run in RUNS for name in expected}
@@ -116,6 +120,25 @@ def test_figures_are_files_and_embedded(report, html):
     for path in figures:
         assert base64.b64encode(path.read_bytes()).decode("ascii") in html
     assert html.count('src="data:image/png;base64,') == len(figures)
+
+
+def test_summary_opens_with_the_pick(report, html):
+    """Each run's summary answers which checkpoint to pick: raw's and the steadiest method's recommended step,
+    its score and interval, and how many checkpoints are indistinguishable from it, as pick.csv has them."""
+    pick = pd.read_csv(report.parent.parent / "tables" / "pick.csv")
+    for run in RUNS:
+        summary = html[html.index(f'id="summary-{run}"'):]
+        summary = summary[:summary.index("</div>")]
+        table = summary[summary.index('class="pick-table"'):]
+        raw = pick[(pick.run == run) & (pick.method == "raw") & (pick.level == "overall")].iloc[0]
+        row = re.search(r"<td>raw</td>\s*<td[^>]*>(\d+)</td>\s*<td[^>]*>([\d.]+) \(([\d.]+)–([\d.]+)\)</td>\s*"
+                        r"<td[^>]*>(\d+) of (\d+)</td>", table)
+        assert row, table[:2000]
+        assert int(row[1]) == raw.recommended_step
+        assert float(row[2]) == pytest.approx(raw.score, abs=5e-4)
+        assert float(row[3]) <= float(row[2]) <= float(row[4])
+        assert (int(row[5]), int(row[6])) == (raw.set_size, raw.range_size)
+        assert "(the steadiest)" in table
 
 
 def test_indicators_section_names_the_target_and_the_proxies(html):

@@ -180,6 +180,25 @@ def test_the_tables_cover_the_healthy_steps_and_say_which_were_excluded(diverged
     assert set(indicators.target) == {"overall avg2 at the run's last step"}
 
 
+def test_excluded_checkpoints_are_outside_every_pick(diverged_run):
+    workdir, _ = diverged_run
+    tables = workdir / "results" / "tables"
+    pick = pd.read_csv(tables / "pick.csv", dtype={"set_steps": str, "excluded_steps": str})
+    assert set(pick[pick.method == "raw"].excluded_steps) == {"40"}
+    assert set(pick[pick.method != "raw"].excluded_steps) == {"40 50"}
+    checkpoints = pd.read_parquet(tables / "pick_checkpoints.parquet")
+    excluded = checkpoints[checkpoints.excluded.notna()]
+    assert set(zip(excluded.method, excluded.step)) == {("raw", 40), *((method, step) for method in ("avg", "vote",
+                                                                                                      "prob")
+                                                                       for step in (40, 50))}
+    assert not excluded.in_set.any() and excluded.score.isna().all()
+    assert all(POISONED in reason for reason in excluded.excluded)
+    for steps in pick.set_steps:
+        assert "40" not in steps.split()
+    # windows of 2 keep steps 20, 30 and 60: a pick among 3 of their 5
+    assert set(pick[pick.method != "raw"].range_size) == {5}
+
+
 def test_the_report_names_the_broken_step_and_tensor(diverged_run):
     workdir, _ = diverged_run
     page = (workdir / "results" / "report" / "report.html").read_text(encoding="utf-8")

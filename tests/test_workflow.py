@@ -79,6 +79,28 @@ def test_scores_and_tables(finished_run):
     assert (finished_run / "results" / "tables" / "stability.md").read_text().startswith("| run")
 
 
+def test_pick(finished_run):
+    """pick.csv has a row for every run, method, window and level; the recommended step's score is the highest
+    of its group, every interval holds its score, and the set holds the recommended checkpoint."""
+    tables = finished_run / "results" / "tables"
+    pick = pd.read_csv(tables / "pick.csv", dtype={"set_steps": str})
+    stability = pd.read_csv(tables / "stability.csv")
+    keys = ["run", "method", "window", "level", "name"]
+    assert sorted(map(tuple, pick[keys].to_numpy())) == sorted(map(tuple, stability[keys].to_numpy()))
+    checkpoints = pd.read_parquet(tables / "pick_checkpoints.parquet")
+    for key, group in checkpoints.groupby(keys):
+        row = pick.set_index(keys).loc[key]
+        assert row.score == group.score.max()
+        assert group[group.recommended].step.item() == row.recommended_step
+        assert (group.ci_low <= group.score + 1e-12).all() and (group.score <= group.ci_high + 1e-12).all()
+        assert [int(step) for step in row.set_steps.split()] == group[group.in_set].step.tolist()
+        assert row.recommended_step in group[group.in_set].step.tolist()
+        assert row.range_size == len(group) == (4 if key[1] == "raw" else 3)
+    raw_task = pick[(pick.method == "raw") & (pick.level == "task")]
+    assert set(raw_task.interval) == {"wilson"}  # the tasks' scores are 0/1
+    assert (tables / "pick.md").read_text().startswith("| run")
+
+
 def test_provenance_is_in_every_file(finished_run):
     for path in (finished_run / "results" / "predictions").rglob("*.parquet"):
         metadata = pq.read_schema(path).metadata

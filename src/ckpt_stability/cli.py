@@ -95,18 +95,16 @@ def _evaluation_job(args: argparse.Namespace):
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from ckpt_stability.backends import may_use_vllm
-    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT
+    from ckpt_stability.backends import may_use_vllm_on_gpu
+    from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT, settings_from_environment
     from ckpt_stability.gpus import claim_gpu
-
-    from ckpt_stability.engine import settings_from_environment
 
     job = _evaluation_job(args)
     engine = settings_from_environment()  # the workflow's, unless given here
     idle_timeout = args.engine_idle_timeout or engine.get("idle_timeout", DEFAULT_IDLE_TIMEOUT)
-    with_vllm = args.engine_vllm or engine.get("vllm", False)
+    with_vllm_on_gpu = args.engine_vllm or engine.get("vllm", False)
     gpu = claim_gpu()  # before anything initialises CUDA: one GPU per job on a multi-GPU machine
-    if (args.engine or engine) and (with_vllm or not may_use_vllm(args.backend)):
+    if (args.engine or engine) and (with_vllm_on_gpu or not may_use_vllm_on_gpu(args.backend)):
         from ckpt_stability.engine import evaluate_in_engine
 
         code = evaluate_in_engine(job, idle_timeout, Path(args.engine_log_dir), gpu)
@@ -186,6 +184,12 @@ def _stability(args: argparse.Namespace) -> None:
     write_tables(Path(args.plan), Path(args.scores), Path(args.output_dir))
 
 
+def _pick(args: argparse.Namespace) -> None:
+    from ckpt_stability.pick import write_pick
+
+    write_pick(Path(args.plan), Path(args.scores), Path(args.output), Path(args.checkpoints), args.range)
+
+
 def _write_json(args: argparse.Namespace) -> None:
     from ckpt_stability.atomic import write_text
 
@@ -219,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ckpt_stability.demo import MODEL_SIZES, DemoSettings
     from ckpt_stability.engine import DEFAULT_IDLE_TIMEOUT, ENVIRONMENT
     from ckpt_stability.finetune import LoraSettings, Recipe
+    from ckpt_stability.plan import PICK_RANGES
     from ckpt_stability.tasks import FEW_SHOT_SOURCES
 
     defaults = DemoSettings()
@@ -290,10 +295,11 @@ def build_parser() -> argparse.ArgumentParser:
                                "its outputs without results, holding the reason, and exit 0")
     evaluate.add_argument("--engine", action="store_true",
                           help="evaluate in the evaluation engine of this job's slot (started when none runs), "
-                               f"which keeps the model loaded for the next job; not with vLLM unless "
+                               f"which keeps the model loaded for the next job; not with vLLM on a GPU unless "
                                f"--engine-vllm. Also on when the environment variable {ENVIRONMENT} holds engine "
                                f"settings, as the workflow sets it from its config key engine")
-    evaluate.add_argument("--engine-vllm", action="store_true", help="use the engine with the vllm backend too")
+    evaluate.add_argument("--engine-vllm", action="store_true",
+                          help="use the engine with the vllm backend on a GPU too (on the CPU it always may)")
     evaluate.add_argument("--engine-idle-timeout", type=_seconds, metavar="SECONDS",
                           help=f"an engine started by this job ends after this long without a job "
                                f"(default {DEFAULT_IDLE_TIMEOUT:.0f})")
@@ -370,6 +376,15 @@ def build_parser() -> argparse.ArgumentParser:
     stability.add_argument("--output-dir", required=True,
                            help="writes stability.csv/.md, improvement.csv/.md and excluded.csv/.md")
     stability.set_defaults(handler=_stability)
+
+    pick = commands.add_parser("pick", help="the checkpoint to pick, its interval and the checkpoints "
+                                            "indistinguishable from it")
+    _reduction_inputs(pick)
+    pick.add_argument("--range", choices=PICK_RANGES, default=PICK_RANGES[0],
+                      help="the checkpoints compared: every step, or the final segment (default %(default)s)")
+    pick.add_argument("--output", required=True, help="one row per group (CSV, and Markdown beside it)")
+    pick.add_argument("--checkpoints", required=True, help="one row per checkpoint of each group (parquet)")
+    pick.set_defaults(handler=_pick)
 
     indicators = commands.add_parser("indicators", help="how well each proxy orders models by a target")
     _reduction_inputs(indicators)

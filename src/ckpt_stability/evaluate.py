@@ -165,7 +165,8 @@ def record_excluded(model_dir: str | Path, reason: str, settings: EvaluationSett
 def measure_perplexity(backend: Backend, model_dir: str, text_path: Path, output: Path,
                        provenance: dict | None = None) -> float:
     """The model's perplexity on a held-out text, exp(mean token NLL), split into windows of the model's
-    context length; written as JSON with its inverse, the proxy of the indicators."""
+    context length less one token (``Backend.token_nll``); written as JSON with its inverse, the proxy of
+    the indicators."""
     try:
         text = text_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

@@ -10,7 +10,8 @@ from a CSV file ``run,step,target``. Proxies:
   and method (``avg``, ``vote``, ``prob``): the stabilised scores are proxies in their own right.
 
 For every proxy: the **pairwise accuracy** over all pairs of models whose targets differ (the share of
-pairs the proxy orders as the target does; a tie of the proxy counts half; chance is 0.5), also over the
+pairs the proxy orders as the target does; a tie of the proxy counts half; chance is 0.5), with a 95 %
+percentile bootstrap interval over the models (B = 1,000, seed 0), also over the
 pairs within a run (which checkpoint to pick) and across runs (which run) apart, and **Kendall's tau**
 (tau-b). Then a **learned comparator** (logistic regression on the pair features of
 the paper: p_i - p_j, p_i * p_j, p_i and p_j over all proxies) is evaluated by repeated random splits
@@ -44,7 +45,7 @@ from ckpt_stability.plan import Plan
 from ckpt_stability.stability import overall_score
 
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
-           "accuracy_within_run", "n_pairs_within_run", "accuracy_across_runs", "n_pairs_across_runs",
+           "accuracy_ci_low", "accuracy_ci_high", "accuracy_within_run", "n_pairs_within_run", "accuracy_across_runs", "n_pairs_across_runs",
            "kendall_tau", "spread", "target"]
 
 
@@ -148,6 +149,35 @@ def pairwise_accuracy(proxy: np.ndarray, target: np.ndarray, counted: np.ndarray
     return float(agreement.mean()), int(comparable.sum())
 
 
+ACCURACY_DRAWS = 1000
+"""bootstrap draws (over models, seed 0) of each proxy's pairwise-accuracy interval"""
+
+
+def accuracy_interval(proxy: np.ndarray, target: np.ndarray, draws: int = ACCURACY_DRAWS, seed: int = 0,
+                      alpha: float = 0.05) -> tuple[float, float]:
+    """The percentile bootstrap interval of ``pairwise_accuracy`` over the models: each draw resamples the
+    models with replacement (counts ``w``) and counts every pair of drawn models, so that its accuracy is
+    w'(agreement)w / w'(comparable)w; no Python loop over draws. A model drawn twice pairs with itself
+    never: its targets are equal."""
+    proxy, target = np.asarray(proxy, float), np.asarray(target, float)
+    if len(target) < 2:
+        return math.nan, math.nan
+    target_sign = np.sign(target[:, None] - target[None, :])
+    proxy_sign = np.sign(proxy[:, None] - proxy[None, :])
+    comparable = (target_sign != 0).astype(np.float32)
+    agreement = np.where(proxy_sign == 0, 0.5, proxy_sign == target_sign).astype(np.float32) * comparable
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(len(target), np.full(len(target), 1 / len(target)), size=draws).astype(np.float32)
+    pairs = ((counts @ comparable) * counts).sum(axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        accuracies = ((counts @ agreement) * counts).sum(axis=1) / pairs
+    accuracies = accuracies[pairs > 0]
+    if not len(accuracies):
+        return math.nan, math.nan
+    low, high = np.quantile(accuracies, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 PAIR_KINDS = ("within_run", "across_runs")
 """the pairs of models counted apart: two checkpoints of one run (which checkpoint to pick), and checkpoints
 of two runs (which run to pick)"""
@@ -232,7 +262,8 @@ def _describe(proxy: str) -> dict:
 def _accuracies(proxy: np.ndarray, target: np.ndarray, runs: np.ndarray) -> dict:
     """pairwise_accuracy and n_pairs over all pairs, and for each of PAIR_KINDS apart."""
     accuracy, pairs = pairwise_accuracy(proxy, target)
-    row = {"n_pairs": pairs, "pairwise_accuracy": accuracy}
+    low, high = accuracy_interval(proxy, target)
+    row = {"n_pairs": pairs, "pairwise_accuracy": accuracy, "accuracy_ci_low": low, "accuracy_ci_high": high}
     for kind, mask in pair_masks(runs).items():
         row[f"accuracy_{kind}"], row[f"n_pairs_{kind}"] = pairwise_accuracy(proxy, target, mask)
     return row
@@ -255,6 +286,7 @@ def indicators_table(proxies: pd.DataFrame, targets: pd.Series, repeats: int = 2
     runs = complete.index.get_level_values("run").to_numpy()
     comparator = comparator_accuracy(complete.to_numpy(), target, repeats=repeats, runs=runs)
     pairs = _accuracies(np.zeros(len(target)), target, runs)  # the pair counts; a constant's accuracies are 0.5
+    # the comparator's accuracy varies over its random halvings (spread); a bootstrap would refit it per draw
     rows.append({"proxy": "learned comparator", "kind": "comparator", "method": "", "window": math.nan,
                  "task": "", "n_models": len(complete), "n_pairs": pairs["n_pairs"],
                  "pairwise_accuracy": comparator.mean, "accuracy_within_run": comparator.within_run,

@@ -15,6 +15,10 @@ from ckpt_stability import layout
 from ckpt_stability.errors import InputError
 from ckpt_stability.methods import RAW, STABILISERS, covered_tasks
 
+PICK_RANGES = ("all", "final")
+"""the checkpoints among which the pick is made (config ``pick.range``): every step of a series, or the
+final segment (``Plan.segment``)"""
+
 
 @dataclass(frozen=True)
 class PlannedTask:

@@ -138,15 +138,19 @@ def example_metrics(scores: np.ndarray, predictions: list[list[str]], mode: str,
     }
 
 
-def _read_segment(plan: Plan, run: str, method: str, window: int, task: str, steps: list[int]):
+def read_example_scores(plan: Plan, run: str, method: str, window: int, task: str, steps: list[int],
+                        predictions: bool = False) -> tuple[np.ndarray, list[list[str]] | None]:
+    """``scores[t, i]``: example i's score at ``steps[t]`` (the same examples at every step), and with
+    ``predictions`` the predictions ``[t][i]``."""
     paths = [plan.path(run, method, window, step, task) for step in steps]
-    tables = [read_table(path, columns=["example_id", "prediction", "score"]) for path in paths]
+    columns = ["example_id", "score"] + (["prediction"] if predictions else [])
+    tables = [read_table(path, columns=columns) for path in paths]
     first = tables[0].column("example_id").to_numpy()
     for path, table in zip(paths[1:], tables[1:]):
         if not np.array_equal(table.column("example_id").to_numpy(), first):
             raise InputError(f"{path}: its examples differ from those of {paths[0]}")
     scores = np.stack([table.column("score").to_numpy() for table in tables])
-    return scores, [table.column("prediction").to_pylist() for table in tables]
+    return scores, [table.column("prediction").to_pylist() for table in tables] if predictions else None
 
 
 def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.DataFrame:
@@ -168,7 +172,7 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
         run, method, window, task, _, healthy = job
         if len(healthy) < 2:
             return dict.fromkeys(EXAMPLE_COLUMNS, np.nan)
-        matrix, predictions = _read_segment(plan, run, method, window, task, healthy)
+        matrix, predictions = read_example_scores(plan, run, method, window, task, healthy, predictions=True)
         return example_metrics(matrix, predictions, plan.tasks[task].mode, metric_of[task])
 
     with ThreadPoolExecutor(threads) as pool:
@@ -252,7 +256,9 @@ def improvement_table(stability: pd.DataFrame, scores: pd.DataFrame) -> pd.DataF
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(denominator == 0, np.nan, others[column].to_numpy() / denominator)
 
-    others["delta_mean_score"] = others["mean_score"].to_numpy() - others["mean_score_raw"].to_numpy()
+    delta = others["mean_score"].to_numpy() - others["mean_score_raw"].to_numpy()
+    # means of the same scores summed in another order differ by rounding (-2.2e-16): that is no difference
+    others["delta_mean_score"] = np.where(np.abs(delta) < 1e-12, 0.0, delta)
     others["mtv_ratio"] = ratio("mtv")
     others["instability_ratio"] = ratio("instability")
     return others[KEYS + IMPROVEMENT_COLUMNS].reset_index(drop=True)

@@ -75,17 +75,21 @@ LARGEST_WINDOW = max(WINDOWS)
 TASKS = list(config["tasks"])
 ENSEMBLE_METHODS = [method.name for method in produced_by(ENSEMBLE) if method.name in config["methods"]]
 GPUS = visible_gpus()
-# Inference jobs take a GPU with the vllm backend, and with the others where this machine has one
-# (transformers then runs on it). On a cluster, profiles/slurm asks for a GPU per inference job anyway.
-INFERENCE_ON_GPU = config["backend"] == "vllm" or bool(GPUS)
+# Jobs run on this machine, not through a cluster's executor (which needs --jobs) nor as a job's own
+# Snakemake there
+RUNS_HERE = workflow.nodes is None and workflow.exec_mode == ExecMode.DEFAULT
+# Inference jobs take a GPU where this machine has one (either backend runs on it); on a cluster, the vllm
+# backend's jobs take one anyway (profiles/slurm asks for one per inference job). vLLM on a machine without
+# GPUs runs on its CPU (vLLM's CPU build).
+INFERENCE_ON_GPU = bool(GPUS) or (config["backend"] == "vllm" and not RUNS_HERE)
 
 
 def _default_gpu_resource():
     """On a workstation, run at most as many GPU jobs at once as this machine has GPUs, without the user
     counting them: the global resource `gpu` defaults to the number of visible GPUs unless `--resources
-    gpu=N` set it (each GPU job then pins one, see ckpt_stability.gpus). Not on a cluster (a remote
-    executor, which needs --jobs, or a job's own Snakemake there): Slurm hands out the GPUs."""
-    if "gpu" not in workflow.global_resources and workflow.nodes is None and workflow.exec_mode == ExecMode.DEFAULT:
+    gpu=N` set it (each GPU job then pins one, see ckpt_stability.gpus). Not on a cluster: Slurm hands out
+    the GPUs."""
+    if "gpu" not in workflow.global_resources and RUNS_HERE:
         workflow.register_resource("gpu", len(GPUS))
 
 
@@ -378,6 +382,7 @@ def final_targets():
         "results/scores.parquet",
         "results/tables/stability.csv",
         "results/tables/improvement.csv",
+        "results/tables/pick.csv",
         "results/tables/indicators.csv",
         "results/report/report.html",
         *([layout.TARGETS] if FINETUNE else []),

@@ -7,6 +7,7 @@ rule report:
         scores="results/scores.parquet",
         stability="results/tables/stability.csv",
         improvement="results/tables/improvement.csv",
+        pick="results/tables/pick.csv",
         indicators="results/tables/indicators.csv",
         settings="results/evaluation_settings.json",
         targets=layout.TARGETS if FINETUNE else [],

@@ -1,4 +1,5 @@
-"""Reductions: results/scores.parquet and results/tables/{stability,improvement}.{csv,md}."""
+"""Reductions: results/scores.parquet, results/tables/{stability,improvement,excluded,pick}.{csv,md} and
+pick_checkpoints.parquet."""
 
 
 localrules:
@@ -56,3 +57,23 @@ rule stability:
     shell:
         "python -m ckpt_stability stability --plan {input.plan:q} --scores {input.scores:q}"
         " --output-dir {params.output_dir:q} > {log:q} 2>&1"
+
+
+# pick reads the prediction files of every step without declaring them, as stability does (above).
+rule pick:
+    input:
+        plan="results/plan.json",
+        scores="results/scores.parquet",
+    output:
+        table="results/tables/pick.csv",
+        markdown="results/tables/pick.md",
+        checkpoints="results/tables/pick_checkpoints.parquet",
+    log:
+        "logs/pick.log",
+    conda:
+        CPU_ENV
+    params:
+        pick_range=config["pick"]["range"],
+    shell:
+        "python -m ckpt_stability pick --plan {input.plan:q} --scores {input.scores:q} --range {params.pick_range}"
+        " --output {output.table:q} --checkpoints {output.checkpoints:q} > {log:q} 2>&1"

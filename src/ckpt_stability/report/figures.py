@@ -95,6 +95,29 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
     return figure
 
 
+def pick_figure(checkpoints: pd.DataFrame, variants: list[tuple[str, int, str]]) -> MplFigure:
+    """The overall score of each variant (method, window, label) with its 95 % interval as a band, the
+    checkpoints indistinguishable from the recommended one marked, the recommended one starred."""
+    figure = MplFigure(figsize=(9, 3.4), layout="constrained")
+    ax = figure.subplots()
+    colors = sns.color_palette("colorblind", len(variants))
+    for (method, window, label), color in zip(variants, colors):
+        rows = checkpoints[(checkpoints["method"] == method) & (checkpoints["window"] == window)
+                           & checkpoints["excluded"].isna()].sort_values("step")
+        ax.fill_between(rows["step"], rows["ci_low"], rows["ci_high"], color=color, alpha=0.18, lw=0)
+        ax.plot(rows["step"], rows["score"], color=color, lw=1.2, label=label)
+        kept = rows[rows["in_set"]]
+        ax.scatter(kept["step"], kept["score"], color=color, s=14, zorder=3,
+                   label=f"{label}: indistinguishable from its pick")
+        best = rows[rows["recommended"]]
+        ax.scatter(best["step"], best["score"], color=color, marker="*", s=160, edgecolor="black", lw=0.6, zorder=4,
+                   label=f"{label}: recommended")
+    ax.set_xlabel("step")
+    ax.set_ylabel("overall score")
+    ax.legend(fontsize=8, frameon=False, loc="lower right")
+    return figure
+
+
 def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
                   groups: list[tuple[str, str, list[str]]]) -> MplFigure:
     """MTV and instability against the window size, one line per method, one row per group. Each line
@@ -168,7 +191,10 @@ def indicators_figure(table: pd.DataFrame) -> MplFigure:
     figure = MplFigure(figsize=(7.5, 1.0 + 0.26 * len(rows)), layout="constrained")
     ax = figure.subplots()
     colors = [INDICATOR_COLORS[kind] for kind in rows["kind"]]
-    ax.barh(rows["proxy"], rows["pairwise_accuracy"], xerr=rows["spread"].fillna(0), color=colors)
+    # the bootstrap interval of a proxy, the spread over halvings of the comparator
+    below = (rows["pairwise_accuracy"] - rows["accuracy_ci_low"]).fillna(rows["spread"]).fillna(0)
+    above = (rows["accuracy_ci_high"] - rows["pairwise_accuracy"]).fillna(rows["spread"]).fillna(0)
+    ax.barh(rows["proxy"], rows["pairwise_accuracy"], xerr=[below, above], color=colors)
     ax.axvline(0.5, color="#555555", ls="--", lw=1)
     ax.text(0.5, -0.9, " chance", fontsize=8, color="#555555", va="bottom")
     ax.invert_yaxis()

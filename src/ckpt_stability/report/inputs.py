@@ -74,10 +74,14 @@ def read_raw(plan: Plan, run: str, threads: int = 4) -> dict[str, RawTask]:
     return result
 
 
+LISTS = ["excluded_steps", "set_steps", "reason"]
+"""the tables' text columns that may be empty: read as "" rather than NaN"""
+
+
 def read_csv_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: table is missing")
     # names stay strings even where they look like numbers (a run called 2024)
     frame = pd.read_csv(path, dtype={"run": str, "level": str, "name": str, "method": str, "category": str,
-                                     "excluded_steps": str})
-    return frame.fillna({"excluded_steps": ""}) if "excluded_steps" in frame else frame
+                                     **dict.fromkeys(LISTS, str)})
+    return frame.fillna({column: "" for column in LISTS if column in frame})

@@ -4,6 +4,7 @@ tables, rendered with the templates, and written with its figures."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -19,15 +20,23 @@ from ckpt_stability.report.style import (HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICA
 from ckpt_stability.report.inputs import RawTask, ScoreSeries, read_raw, read_csv_table
 from ckpt_stability.indicators import score_proxies
 from ckpt_stability.report.figures import (FigureWriter, example_heatmap, flips_figure, indicators_figure,
-                                           key_proxies_figure, safe_name, targets_figure, trajectory_figure,
-                                           window_figure)
+                                           key_proxies_figure, pick_figure, safe_name, targets_figure,
+                                           trajectory_figure, variant_label, window_figure)
 from ckpt_stability.report.tables import STABILITY_SHOWN, INDICATOR_COLUMNS, IMPROVEMENT_SHOWN, table_cell, html_table
-from ckpt_stability.report.summary import summarise
+from ckpt_stability.report.summary import pick_answer, summarise
 from ckpt_stability.report.provenance import settings_section
 
 
+@dataclass(frozen=True)
+class Pick:
+    """pick.csv and pick_checkpoints.parquet."""
+
+    table: pd.DataFrame
+    checkpoints: pd.DataFrame
+
+
 def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFrame, improvement: pd.DataFrame,
-                raw: dict[str, RawTask], figures: FigureWriter) -> dict:
+                pick: Pick, raw: dict[str, RawTask], figures: FigureWriter) -> dict:
     table = stability[stability["run"] == run]
     series = ScoreSeries(scores, run)
     tasks = list(plan.tasks)
@@ -65,11 +74,22 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
             f"{stats['shown']} of {stats['examples']} examples; {stats['flipped_all']:.0%} of the examples change "
             f"their score at least once over the run, {stats['flipped_segment']:.0%} in the final segment."))
         flip_stats.append(stats)
+    summary = summarise(plan, run, series, table, improvement)
+    answer = pick_answer(pick.table, run, summary["steadiest"])
+    pick_plot = figures.save(
+        pick_figure(pick.checkpoints[(pick.checkpoints["run"] == run) & (pick.checkpoints["level"] == "overall")],
+                    [(row["method"], row["window"], variant_label(row["method"], row["window"])
+                      + (" (choice tasks)" if row["choice_only"] else "")) for row in answer]),
+        f"{directory}/pick", "Which checkpoint to pick",
+        "The overall score of every checkpoint with its 95 % interval (band); dots: the checkpoints that cannot "
+        "be told apart from the recommended one (Model Confidence Set, 5 %); star: the recommended one.")
     return {
         "name": run,
         "anchor": safe_name(run),
         "segment_text": segment_text,
-        "summary": summarise(plan, run, series, table, improvement),
+        "summary": summary,
+        "pick": answer,
+        "pick_figure": pick_plot,
         "excluded": excluded_models(scores[scores["run"] == run]).to_dict("records"),
         "trajectories": trajectories,
         "by_window": by_window,
@@ -154,6 +174,7 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
     scores_frame = pd.read_parquet(scores)
     stability = read_csv_table(tables / "stability.csv")
     improvement = read_csv_table(tables / "improvement.csv")
+    pick = Pick(read_csv_table(tables / "pick.csv"), pd.read_parquet(tables / "pick_checkpoints.parquet"))
     try:
         settings_data = json.loads(Path(settings).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -162,7 +183,8 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
     with (sns.axes_style("whitegrid"), sns.plotting_context("paper"),
           atomic_directory(output.parent / "figures") as directory):
         writer = FigureWriter(directory, "figures")
-        runs = [run_section(plan, run, scores_frame, stability, improvement, raw[run], writer) for run in plan.runs]
+        runs = [run_section(plan, run, scores_frame, stability, improvement, pick, raw[run], writer)
+                for run in plan.runs]
         indicators = (indicators_section(pd.read_csv(tables / "indicators.csv", dtype={"task": str, "target": str}),
                                          writer, scores_frame, read_csv_table(targets) if targets else None)
                       if (tables / "indicators.csv").is_file() else None)

@@ -53,3 +53,14 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame, im
     return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": plan.segment(run),
             "raw_mtv": float(raw_overall["mtv"]), "raw_instability": float(raw_overall["instability"]),
             "raw_flipped": float(raw_overall["ever_flipped"])}
+
+
+def pick_answer(pick: pd.DataFrame, run: str, steadiest: dict | None) -> list[dict]:
+    """The pick over ``overall`` (pick.csv) of the raw checkpoints and of the steadiest method and window:
+    the recommended step, its score and interval, and how many checkpoints are indistinguishable from it."""
+    overall = pick[(pick["run"] == run) & (pick["level"] == "overall")].set_index(["method", "window"])
+    variants = [(RAW, 1)] + ([(steadiest["method"], steadiest["window"])] if steadiest else [])
+    return [{"method": method, "window": window, "choice_only": bool(steadiest and method != RAW
+                                                                     and steadiest["choice_only"]),
+             **overall.loc[(method, window)].to_dict()}
+            for method, window in variants if (method, window) in overall.index]

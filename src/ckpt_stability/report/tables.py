@@ -11,7 +11,7 @@ from ckpt_stability.report.style import METHODS
 STABILITY_SHOWN = [*KEYS[1:], *STABILITY_COLUMNS, "excluded_steps"]
 """the stability table's columns in the report (the run is that of its section)"""
 INDICATOR_COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
-                     "accuracy_within_run", "accuracy_across_runs", "kendall_tau", "spread"]
+                     "accuracy_ci_low", "accuracy_ci_high", "accuracy_within_run", "accuracy_across_runs", "kendall_tau", "spread"]
 IMPROVEMENT_SHOWN = [*KEYS[1:], *IMPROVEMENT_COLUMNS]
 
 
