@@ -20,6 +20,7 @@ configfile: "config/config.yaml"
 
 include: "workflow/rules/common.smk"
 include: "workflow/rules/demo.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/average.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/ensemble.smk"

@@ -89,6 +89,7 @@ from ckpt_stability.atomic import atomic_directory
 from ckpt_stability.checkpoints import INDEX_FILE, SINGLE_FILE, read_checkpoint_headers
 from ckpt_stability.weight_formats import DTYPE_SIZES, TensorEntry, WeightFileHeader
 from ckpt_stability.errors import InputError, UnusableCheckpoint
+from ckpt_stability.outcomes import check_not_excluded
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,8 @@ def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None 
     members = [Path(member) for member in members]
     output = Path(output)
     _check_arguments(members, dtype, max_shard_size, steps)
+    for member in members:
+        check_not_excluded(member)  # a checkpoint whose conversion failed: the window is not built
     tables = _match_tied([read_checkpoint_headers(member) for member in members])
     _check_agreement(members, tables)
     _check_output(output, members)

@@ -41,7 +41,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ckpt_stability import layout
 from ckpt_stability.errors import InputError, UnusableCheckpoint
+from ckpt_stability.native_formats import HF_FORMAT, native_incomplete_reason
 from ckpt_stability.weight_formats import (UnsupportedWeights, WeightFileHeader, TensorEntry, check_with_torch,
                                            read_header, read_torch_file)
 
@@ -82,8 +84,9 @@ def checkpoint_path(pattern: str, step: int) -> Path:
     return Path(pattern.replace(STEP, str(step)))
 
 
-def discover(pattern: str) -> Discovery:
-    """Find the checkpoints of one run; see the module docstring."""
+def discover(pattern: str, native_format: str = HF_FORMAT) -> Discovery:
+    """Find the checkpoints of one run; see the module docstring. A run in a trainer's native format
+    (``native_formats``) counts its checkpoints complete by that format's rule."""
     validate_pattern(pattern)
     prefix, suffix = pattern.split(STEP)
     matcher = re.compile(re.escape(prefix) + r"(\d+)" + re.escape(suffix) + r"/?")
@@ -101,7 +104,11 @@ def discover(pattern: str) -> Discovery:
                 f"run pattern {pattern!r}: step {step} matches two directories, "
                 f"{found[step]} and {path}"
             )
-        problem = checkpoint_problem(path)
+        if native_format == HF_FORMAT:
+            problem = checkpoint_problem(path)
+        else:
+            reason = native_incomplete_reason(path, native_format)
+            problem = None if reason is None else Problem(reason)
         if problem is None:
             found[step] = path
         elif problem.unsupported:
@@ -372,10 +379,19 @@ class Run:
     incomplete: dict[Path, str]
     unsupported: dict[Path, str] = field(default_factory=dict)
     """directory -> its weight format, which is not read (see ``Discovery.unsupported``)"""
+    convert: str | None = None
+    """the command that turns each checkpoint into a Hugging Face directory (``conversion``), if any"""
 
     @property
     def steps(self) -> list[int]:
         return list(self.paths)
+
+    def model_path(self, step: int) -> Path:
+        """The Hugging Face directory of ``step``: the checkpoint itself, or its conversion (written by the
+        workflow's convert rule)."""
+        if self.convert is None:
+            return self.paths[step]
+        return Path(layout.fill(layout.CONVERTED, run=self.name, step=step))
 
     def window(self, step: int, n: int) -> list[int]:
         """The trailing window of ``n`` consecutive checkpoints ending at ``step`` (inclusive)."""
@@ -393,15 +409,18 @@ class Run:
         return self.steps[n - 1:]
 
 
-def plan_run(name: str, pattern: str, largest_window: int, produced_steps: list[int] = ()) -> Run:
+def plan_run(name: str, pattern: str, largest_window: int, produced_steps: list[int] = (), *,
+             native_format: str = HF_FORMAT, convert: str | None = None) -> Run:
     """Discover a run's checkpoints; ``produced_steps`` are checkpoints a rule of the workflow will write
-    (the demo's), counted as present. A run too short for the largest window is an error."""
-    found = discover(pattern)
+    (the demo's), counted as present; ``native_format`` and ``convert``: a run in a trainer's format and
+    its converter. A run too short for the largest window is an error."""
+    found = discover(pattern, native_format)
     paths = dict(found.complete)
     for step in produced_steps:
         paths.setdefault(step, checkpoint_path(pattern, step))
     paths = dict(sorted(paths.items()))
-    _check_one_architecture(name, found.complete)
+    if convert is None:  # converted checkpoints are checked one by one, once converted (``conversion``)
+        _check_one_architecture(name, found.complete)
     needed = largest_window + 2
     if len(paths) < needed:
         raise InputError(
@@ -411,7 +430,7 @@ def plan_run(name: str, pattern: str, largest_window: int, produced_steps: list[
             + (f"; in an unsupported weight format: {', '.join(map(str, found.unsupported))} "
                f"(supported: {SUPPORTED})" if found.unsupported else "")
         )
-    return Run(name, pattern, paths, found.incomplete, found.unsupported)
+    return Run(name, pattern, paths, found.incomplete, found.unsupported, convert)
 
 
 def _check_one_architecture(name: str, checkpoints: dict[int, Path]) -> None:

@@ -80,6 +80,12 @@ def _average(args: argparse.Namespace) -> None:
                       steps=_steps(args.steps) if args.steps else None, threads=args.threads)
 
 
+def _convert(args: argparse.Namespace) -> None:
+    from ckpt_stability.conversion import convert
+
+    convert(args.command, Path(args.checkpoint), Path(args.output), args.step, args.run)
+
+
 def _evaluation_job(args: argparse.Namespace):
     from ckpt_stability.backends import BackendOptions
     from ckpt_stability.evaluation_job import EvaluationJob, TaskFiles
@@ -261,6 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
                          help="when a member is unusable (non-finite or broken weights), write the output "
                               "directory with only excluded.json, holding the reason, and exit 0")
     average.set_defaults(handler=_average)
+
+    convert = commands.add_parser(
+        "convert", help="a trainer's native checkpoint to a Hugging Face directory, with your converter")
+    convert.add_argument("checkpoint", metavar="NATIVE_DIR", help="the checkpoint as the trainer left it")
+    convert.add_argument("--command", required=True,
+                         help="the converter: a shell command with {src} (the checkpoint), {out} (the directory to "
+                              "fill), {step} and {run}, each replaced by its shell-quoted value")
+    convert.add_argument("--output", required=True,
+                         help="the Hugging Face directory, written once the result validates; otherwise it holds "
+                              "only excluded.json, with the reason and the converter's last stderr lines")
+    convert.add_argument("--step", type=int, required=True, help="the checkpoint's step")
+    convert.add_argument("--run", required=True, help="the run's name")
+    convert.set_defaults(handler=_convert)
 
     evaluate = commands.add_parser("evaluate", help="few-shot evaluation of one model on llm-jp-eval tasks")
     evaluate.add_argument("--model", required=True, help="Hugging Face model directory")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from ckpt_stability.errors import InputError
+from ckpt_stability.native_formats import HF_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +67,45 @@ def check_tasks(tasks: dict[str, dict], task_dir: str | None, written_under: str
             load_task(paths[name], name=name, **{key: task[key] for key in TASK_OPTIONS})
 
 
-def plan_runs(runs: dict[str, str], largest_window: int, produced_steps: dict[str, list[int]]) -> dict:
+@dataclass(frozen=True)
+class RunSource:
+    """Where a run's checkpoints are, as the config gives them: a path pattern with ``{step}``; their format,
+    by which completeness is judged (``native_formats``); and the command that converts each one to a Hugging
+    Face directory (``conversion``), if any."""
+
+    pattern: str
+    format: str = HF_FORMAT
+    convert: str | None = None
+
+    @classmethod
+    def from_config(cls, name: str, entry: str | dict) -> "RunSource":
+        """A run of the config: its short form (the pattern) or its mapping (path, format, convert)."""
+        if isinstance(entry, str):
+            return cls(entry)
+        source = cls(entry["path"], entry.get("format", HF_FORMAT), entry.get("convert"))
+        if source.format != HF_FORMAT and source.convert is None:
+            raise InputError(f"config runs.{name}: format {source.format} needs a convert command that turns each "
+                             f"checkpoint into a Hugging Face directory")
+        if source.convert is not None:
+            from ckpt_stability.conversion import converter_problem
+
+            problem = converter_problem(source.convert)
+            if problem is not None:
+                raise InputError(f"config runs.{name}.convert: {source.convert!r}: {problem}")
+        return source
+
+
+def plan_runs(runs: dict[str, str | dict], largest_window: int, produced_steps: dict[str, list[int]]) -> dict:
     """name -> ``checkpoints.Run`` of every configured run (``produced_steps``: the steps a rule of the
     workflow writes, by run pattern); incomplete and unsupported checkpoints are left out with a warning."""
     from ckpt_stability.checkpoints import plan_run
 
     planned = {}
-    for name, pattern in runs.items():
+    for name, entry in runs.items():
+        source = RunSource.from_config(name, entry)
         try:
-            planned[name] = plan_run(name, pattern, largest_window, produced_steps.get(pattern, []))
+            planned[name] = plan_run(name, source.pattern, largest_window, produced_steps.get(source.pattern, []),
+                                     native_format=source.format, convert=source.convert)
         except InputError as error:
             raise InputError(f"config runs.{name}: {error}") from None
         for directory, reason in planned[name].incomplete.items():

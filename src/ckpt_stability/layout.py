@@ -16,6 +16,8 @@ PERPLEXITY = "{run}/{method}{n}/step{step}.json"
 """A model's perplexity on the held-out text, under a perplexity directory (PERPLEXITY_DIR)."""
 AVERAGED = f"{RESULTS}/averaged/{{run}}/{{method}}{{n}}/step{{step}}"
 """An averaged model (a Hugging Face directory)."""
+CONVERTED = f"{RESULTS}/converted/{{run}}/step{{step}}"
+"""A checkpoint of a run in a trainer's native format, converted to a Hugging Face directory."""
 FINETUNE_DIR = f"{RESULTS}/finetune"
 """The fine-tuned models' predictions on the target tasks, in the PREDICTIONS layout, beside each model's
 fine-tuning record (FINETUNE_RECORD) and the fine-tuned model itself (FINETUNED_MODEL)."""

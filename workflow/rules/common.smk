@@ -164,11 +164,34 @@ def window_steps(wildcards):
 
 def window_checkpoints(wildcards):
     run = RUNS[wildcards.run]
-    return [str(run.paths[step]) for step in run.window(int(wildcards.step), int(wildcards.n))]
+    return [str(run.model_path(step)) for step in run.window(int(wildcards.step), int(wildcards.n))]
 
 
 def checkpoint_dir(wildcards):
+    """The Hugging Face directory of a raw checkpoint: the checkpoint, or its conversion (rule convert)."""
+    return str(RUNS[wildcards.run].model_path(int(wildcards.step)))
+
+
+def native_checkpoint(wildcards):
+    """The checkpoint that rule convert converts, as its trainer left it."""
     return str(RUNS[wildcards.run].paths[int(wildcards.step)])
+
+
+def converted_output(path):
+    return directory(path) if config["keep_converted"] else temp(directory(path))
+
+
+CONVERTED_RUNS = [name for name, run in RUNS.items() if run.convert is not None]
+
+
+def trailing_converted_steps():
+    """The steps of each converted run's last (largest window - 1) checkpoints, whose conversions are kept by
+    convert_trailing, since the windows of the run's next checkpoint read them again and a conversion written
+    anew would rerun every job that read it. The others are temporary (unless keep_converted). A step that is
+    trailing in one run keeps its conversion in every run (a wildcard constraint cannot pair run and step)."""
+    if config["keep_converted"] or LARGEST_WINDOW == 1:
+        return []
+    return sorted({step for name in CONVERTED_RUNS for step in RUNS[name].steps[1 - LARGEST_WINDOW :]})
 
 
 def task_files():
