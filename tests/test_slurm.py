@@ -86,11 +86,11 @@ def test_every_job_went_through_sbatch(slurm_run):
     assert set(jobs) == {job for job, _ in submitted}
     assert {state for state, _ in jobs.values()} == {"COMPLETED"}
     # one Slurm job per raw evaluation (4 steps), per average and its evaluation (windows of 2 end at 3
-    # steps), and per reduction (scores, stability, indicators, report); plan and settings run locally
+    # steps), and per reduction (scores, stability, pick, indicators, report); plan and settings run locally
     comments = sorted(comment for _, comment in jobs.values())
     assert comments == sorted(["rule_average_and_evaluate_evaluate"] * 4
                               + ["rule_average_and_evaluate_average_evaluate"] * 3
-                              + ["rule_scores", "rule_stability", "rule_indicators", "rule_report"])
+                              + ["rule_scores", "rule_stability", "rule_pick", "rule_indicators", "rule_report"])
 
 
 def test_the_results_equal_a_local_run(slurm_run, local_run):
