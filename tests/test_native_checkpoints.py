@@ -14,7 +14,7 @@ import yaml
 
 from ckpt_stability.native_formats import FORMATS, native_incomplete_reason, zip_archive_problem
 from ckpt_stability.predictions import read_predictions
-from helpers import ROOT, small_config, snakemake
+from helpers import ROOT, cli, small_config, snakemake
 
 STEPS = (10, 20, 30, 40)
 
@@ -207,3 +207,23 @@ def test_the_schema_lists_the_formats_the_package_reads():
     schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
     run = schema["properties"]["runs"]["additionalProperties"]["oneOf"][1]
     assert tuple(run["properties"]["format"]["enum"]) == FORMATS
+
+
+def test_a_conversion_that_does_not_validate_is_recorded_not_put_in_place(tiny_demo, tmp_path):
+    """A converter that exits 0 but leaves a tensor out: the output holds the reason, naming the tensor."""
+    checkpoint = tiny_demo / "checkpoints" / "checkpoint-10"
+    converter = tmp_path / "drop_norm.py"
+    converter.write_text(
+        "import shutil, sys\nfrom pathlib import Path\nfrom safetensors.torch import load_file, save_file\n"
+        "src, out = Path(sys.argv[1]), Path(sys.argv[2])\n"
+        "for path in src.iterdir():\n"
+        "    if path.name != 'model.safetensors':\n        shutil.copy(path, out)\n"
+        "weights = load_file(src / 'model.safetensors')\ndel weights['model.norm.weight']\n"
+        "save_file(weights, out / 'model.safetensors', metadata={'format': 'pt'})\n")
+    output = tmp_path / "converted"
+    result = cli("convert", checkpoint, "--command", f"{shlex.quote(sys.executable)} {converter} {{src}} {{out}}",
+                 "--step", 10, "--run", "r", "--output", output)
+    assert result.returncode == 0, result.stderr
+    assert sorted(path.name for path in output.iterdir()) == ["excluded.json"]
+    reason = (output / "excluded.json").read_text()
+    assert "not a usable Hugging Face checkpoint" in reason and "missing model.norm.weight (1)" in reason

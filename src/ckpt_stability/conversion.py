@@ -90,15 +90,10 @@ def expected_tensors(directory: Path) -> tuple[set[str], set[str]]:
     config = AutoConfig.from_pretrained(directory)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    names = set(model.state_dict())
-    seen: dict[int, str] = {}
-    tied = set()
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        key = id(tensor)
-        if key in seen:
-            tied.add(name)
-        seen.setdefault(key, name)
-    return names, tied
+    state = model.state_dict(keep_vars=True)  # tied weights are one Parameter under two names
+    first_name = {}
+    tied = {name for name, tensor in state.items() if first_name.setdefault(id(tensor), name) != name}
+    return set(state), tied
 
 
 class _NotConverted(Exception):
