@@ -59,7 +59,8 @@ def test_inference_ours_only(tiny_demo):
 
 def test_engine_against_cold_processes(demo_layout):
     output = bench("bench_engine.py", "--demo", demo_layout, "--models", 3, 4)  # 3: the fewest a run takes
-    assert re.search(r"^engine: \d+\.\d+ s per model \(goal <= 0.5\)", output, re.MULTILINE)
+    # a slope measured over 3 and 4 tiny models may come out below 0 on a busy machine: a measurement all the same
+    assert re.search(r"^engine: -?\d+\.\d+ s per model \(goal <= 0.5\)", output, re.MULTILINE)
 
 
 def test_finetune(demo_layout):
