@@ -45,7 +45,8 @@ from ckpt_stability.plan import Plan
 from ckpt_stability.stability import overall_score
 
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
-           "accuracy_ci_low", "accuracy_ci_high", "accuracy_within_run", "n_pairs_within_run", "accuracy_across_runs", "n_pairs_across_runs",
+           "accuracy_ci_low", "accuracy_ci_high", "accuracy_within_run", "n_pairs_within_run",
+           "accuracy_across_runs", "n_pairs_across_runs",
            "kendall_tau", "spread", "target"]
 
 
@@ -136,17 +137,24 @@ def pairwise_accuracy(proxy: np.ndarray, target: np.ndarray, counted: np.ndarray
     """Share of the pairs with different targets that the proxy orders the same way (a proxy tie counts
     half), and the number of such pairs. ``counted``: a mask over the pairs i < j (``np.triu_indices``
     order) that restricts them, e.g. to pairs within a run (``pair_masks``)."""
-    proxy, target = np.asarray(proxy, float), np.asarray(target, float)
-    upper = np.triu_indices(len(proxy), k=1)
-    target_sign = np.sign(target[:, None] - target[None, :])[upper]
-    proxy_sign = np.sign(proxy[:, None] - proxy[None, :])[upper]
-    comparable = target_sign != 0
+    comparable, agreement = _pair_agreement(proxy, target)
+    upper = np.triu_indices(len(comparable), k=1)
+    comparable, agreement = comparable[upper].astype(bool), agreement[upper]
     if counted is not None:
         comparable &= counted
     if not comparable.any():
         return math.nan, 0
-    agreement = np.where(proxy_sign[comparable] == 0, 0.5, proxy_sign[comparable] == target_sign[comparable])
-    return float(agreement.mean()), int(comparable.sum())
+    return float(agreement[comparable].mean()), int(comparable.sum())
+
+
+def _pair_agreement(proxy: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Over every pair of models (i, j), as matrices: 1 where their targets differ, and where they do, 1 if
+    the proxy orders them as the target does, 0.5 for a proxy tie, else 0."""
+    proxy, target = np.asarray(proxy, float), np.asarray(target, float)
+    target_sign = np.sign(target[:, None] - target[None, :])
+    proxy_sign = np.sign(proxy[:, None] - proxy[None, :])
+    comparable = (target_sign != 0).astype(float)
+    return comparable, np.where(proxy_sign == 0, 0.5, proxy_sign == target_sign) * comparable
 
 
 ACCURACY_DRAWS = 1000
@@ -159,13 +167,10 @@ def accuracy_interval(proxy: np.ndarray, target: np.ndarray, draws: int = ACCURA
     models with replacement (counts ``w``) and counts every pair of drawn models, so that its accuracy is
     w'(agreement)w / w'(comparable)w; no Python loop over draws. A model drawn twice pairs with itself
     never: its targets are equal."""
-    proxy, target = np.asarray(proxy, float), np.asarray(target, float)
     if len(target) < 2:
         return math.nan, math.nan
-    target_sign = np.sign(target[:, None] - target[None, :])
-    proxy_sign = np.sign(proxy[:, None] - proxy[None, :])
-    comparable = (target_sign != 0).astype(np.float32)
-    agreement = np.where(proxy_sign == 0, 0.5, proxy_sign == target_sign).astype(np.float32) * comparable
+    # float32: exact for these halves and counts, and half the memory of a matmul over many models
+    comparable, agreement = (matrix.astype(np.float32) for matrix in _pair_agreement(proxy, target))
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(len(target), np.full(len(target), 1 / len(target)), size=draws).astype(np.float32)
     pairs = ((counts @ comparable) * counts).sum(axis=1)
@@ -262,8 +267,7 @@ def _describe(proxy: str) -> dict:
 def _accuracies(proxy: np.ndarray, target: np.ndarray, runs: np.ndarray) -> dict:
     """pairwise_accuracy and n_pairs over all pairs, and for each of PAIR_KINDS apart."""
     accuracy, pairs = pairwise_accuracy(proxy, target)
-    low, high = accuracy_interval(proxy, target)
-    row = {"n_pairs": pairs, "pairwise_accuracy": accuracy, "accuracy_ci_low": low, "accuracy_ci_high": high}
+    row = {"n_pairs": pairs, "pairwise_accuracy": accuracy}
     for kind, mask in pair_masks(runs).items():
         row[f"accuracy_{kind}"], row[f"n_pairs_{kind}"] = pairwise_accuracy(proxy, target, mask)
     return row
@@ -280,6 +284,7 @@ def indicators_table(proxies: pd.DataFrame, targets: pd.Series, repeats: int = 2
         values, target = covered[proxy].to_numpy(), covered["target"].to_numpy()
         rows.append({"proxy": proxy, **_describe(proxy), "n_models": len(covered),
                      **_accuracies(values, target, covered.index.get_level_values("run").to_numpy()),
+                     **dict(zip(("accuracy_ci_low", "accuracy_ci_high"), accuracy_interval(values, target))),
                      "kendall_tau": kendall_tau(values, target), "spread": math.nan})
     complete = models.dropna()
     target = complete.pop("target").to_numpy()
