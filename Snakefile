@@ -28,6 +28,7 @@ include: "workflow/rules/stability.smk"
 include: "workflow/rules/finetune.smk"
 include: "workflow/rules/indicators.smk"
 include: "workflow/rules/report.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

@@ -13,7 +13,12 @@ leaves mergekit out (nothing is installed): ``cat`` and ``ckpt-stability average
 is compared with the fp32-accumulated mean; the tests run it so, since the install takes about 40 s and
 1.6 GB.
 
+--dcp also saves the inputs with ``torch.distributed.checkpoint.save`` (one process, Hugging Face names) and
+times ``ckpt-stability average --assets`` reading them in place, against the safetensors path; its output is
+checked against the fp32-accumulated mean like the others.
+
     python benchmarks/bench_averaging.py                          # 8 x ~1 GB
+    python benchmarks/bench_averaging.py --count 4 --size-mb 420 --ours-only --dcp  # DCP read in place
     python benchmarks/bench_averaging.py --count 4 --size-mb 420  # the issue's reference case
     python benchmarks/bench_averaging.py --count 2 --size-mb 100 --repeat 1              # a quick check
     python benchmarks/bench_averaging.py --count 2 --size-mb 100 --repeat 1 --ours-only  # quicker, no mergekit
@@ -52,6 +57,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs of each tool; the best is reported")
     parser.add_argument("--ours-only", action="store_true",
                         help="leave mergekit out (not installed, not run): time and check ckpt-stability alone")
+    parser.add_argument("--dcp", action="store_true",
+                        help="also average the inputs saved as torch.distributed checkpoints, read in place")
     args = parser.parse_args()
 
     mergekit_yaml = None if args.ours_only else ensure_mergekit()
@@ -80,6 +87,13 @@ def main() -> None:
         results["mergekit linear"] = best(args.repeat, lambda: timed(mergekit_cmd, clear=mergekit_out,
                                                                      env={**os.environ, "HF_HUB_OFFLINE": "1"}))
         outputs["mergekit linear"] = mergekit_out
+    if args.dcp:
+        dcp_inputs = save_as_dcp(inputs)
+        dcp_out = args.workdir / "out-ckpt-stability-dcp"
+        dcp_cmd = [*ours_cmd[:3], str(dcp_out), "--assets", str(inputs[-1]), *map(str, dcp_inputs)]
+        timed(["cat", *(str(file) for path in dcp_inputs for file in path.iterdir())], stdout=subprocess.DEVNULL)
+        results[DCP_LABEL] = best(args.repeat, lambda: timed(dcp_cmd, clear=dcp_out))
+        outputs[DCP_LABEL] = dcp_out
 
     print(f"\n{'':28}{'wall s':>9}{'peak RSS MB':>13}")
     for label, (seconds, rss) in results.items():
@@ -88,6 +102,10 @@ def main() -> None:
         mergekit = results["mergekit linear"]
         print(f"speed-up {mergekit[0] / ours[0]:.1f}x (goal >= 3x); peak RSS {ours[1] / mergekit[1]:.1%} of "
               f"mergekit's (goal <= 25%)", flush=True)
+    if args.dcp:
+        dcp = results[DCP_LABEL]
+        print(f"DCP read in place: {dcp[0] / ours[0]:.2f}x the safetensors path's time (goal <= 1.5x), peak RSS "
+              f"{dcp[1] / 1e6:.0f} MB against {ours[1] / 1e6:.0f} MB", flush=True)
     compare(inputs, outputs)
 
 
@@ -136,6 +154,22 @@ def make_checkpoints(root: Path, count: int, size_mb: int) -> list[Path]:
     return paths
 
 
+DCP_LABEL = "ckpt-stability average, DCP"
+
+
+def save_as_dcp(inputs: list[Path]) -> list[Path]:
+    """Each input saved by ``torch.distributed.checkpoint.save`` beside it (``dcp-<name>``); reused when present."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    paths = [path.with_name(f"dcp-{path.name}") for path in inputs]
+    for source, path in zip(inputs, paths):
+        if not (path / ".metadata").is_file():
+            print(f"writing {path} ...", flush=True)
+            dcp.save(load_file(source / "model.safetensors"), checkpoint_id=path, no_dist=True)
+    return paths
+
+
 def parameter_count(checkpoint: Path) -> int:
     with safe_open(checkpoint / "model.safetensors", "pt") as handle:
         return sum(int(np.prod(handle.get_slice(name).get_shape())) for name in handle.keys())
@@ -180,10 +214,10 @@ def compare(inputs: list[Path], output_dirs: dict[str, Path]) -> None:
         for tool, tensor in got.items():
             identical[tool] &= tensor.dtype == torch.bfloat16 and torch.equal(
                 tensor.view(torch.int16), reference.view(torch.int16))
-        if len(got) == 2:
-            first, second = got.values()
-            max_diff = max(max_diff, (first.float() - second.float()).abs().max().item())
-    if len(outputs) == 2:
+        if "mergekit linear" in got:
+            max_diff = max(max_diff, (got["ckpt-stability average"].float() - got["mergekit linear"].float())
+                           .abs().max().item())
+    if "mergekit linear" in outputs:
         print(f"max |ckpt-stability - mergekit| = {max_diff:g}")
     for tool, same in identical.items():
         print(f"{tool}: {'bit-identical to' if same else 'DIFFERS from'} the fp32-accumulated mean")

@@ -33,10 +33,18 @@ def demo_layout(tiny_demo, tmp_path_factory) -> Path:
 
 
 def test_averaging_is_bit_identical_to_the_fp32_mean(tmp_path):
-    output = bench("bench_averaging.py", "--count", 2, "--size-mb", 4, "--repeat", 1, "--ours-only",
+    output = bench("bench_averaging.py", "--count", 2, "--size-mb", 4, "--repeat", 1, "--ours-only", "--dcp",
                    "--workdir", tmp_path)
     assert re.search(r"^ckpt-stability average\s+\d+\.\d+", output, re.MULTILINE)
-    assert "ckpt-stability average: bit-identical to the fp32-accumulated mean" in output
+    assert re.search(r"^DCP read in place: \d+\.\d+x the safetensors path's time", output, re.MULTILINE)
+    for label in ("ckpt-stability average", "ckpt-stability average, DCP"):
+        assert f"{label}: bit-identical to the fp32-accumulated mean" in output
+
+
+def test_conversion_disk(tmp_path):
+    output = bench("bench_conversion.py", "--checkpoints", 4, "--windows", 1, 2, "--hidden-size", 64,
+                   "--workdir", tmp_path)
+    assert re.search(r"^peak on disk at once: +\d+\.\d+ MB = \d+\.\d+ conversions", output, re.MULTILINE)
 
 
 def test_dag_dry_run(tmp_path):

@@ -39,8 +39,9 @@ ENVS = {
     "cpu": ({"cpu"}, {"slurm"}),
     "gpu": ({"vllm"}, {"slurm"}),
 }
-# extras whose packages src/ckpt_stability may import (vllm only behind its backend: upstream's, or the CPU build)
-IMPORTABLE_EXTRAS = {"vllm", "vllm-cpu"}
+# extras whose packages src/ckpt_stability may import (vllm only behind its backend: upstream's, or the CPU build;
+# the trackers only in ckpt_stability.export, behind an error that names the extra)
+IMPORTABLE_EXTRAS = {"vllm", "vllm-cpu", "trackers"}
 # conda packages an env file may list besides its pip section
 CONDA_PACKAGES = {"python", "pip"}
 

@@ -18,8 +18,9 @@ Integer and bool tensors (buffers, step counters) are not averaged: they must be
 member and are copied from the newest one.
 
 Members are checkpoint directories in any of the layouts of ``checkpoints.LAYOUTS``, safetensors or
-``pytorch_model.bin`` (torch.save zip archives), mixed as they come: what must agree is the tensors'
-names, shapes and dtypes. The output is safetensors whatever the members' format.
+``pytorch_model.bin`` (torch.save zip archives), or torch.distributed checkpoints with Hugging Face names
+(``dcp_checkpoints``; their config.json and tokenizer come from ``assets``), mixed as they come: what must
+agree is the tensors' names, shapes and dtypes. The output is safetensors whatever the members' format.
 
 Refused, with an InputError naming the arguments: fewer than two members, a member given twice, an
 output that holds something else. Refused, with an UnusableCheckpoint naming the checkpoint file and
@@ -45,7 +46,8 @@ records and its pickle (parsed without torch: no torch import here either). The 
 tensor saved as a non-contiguous view (``w.t()`` saved without ``.contiguous()``; transformers never
 writes one): it is first rewritten contiguous into an unnamed scratch file in the output's temporary
 directory, one tensor at a time, which costs that tensor's size in memory (and on disk) once and a
-slower, strided copy, then averaged like the others.
+slower, strided copy, then averaged like the others. A DCP tensor is a ``torch.save`` archive in a data file,
+located the same way; one saved by several ranks in row chunks is read piece by piece where each lies.
 
 Output
 ------
@@ -87,7 +89,8 @@ import numpy as np
 from ckpt_stability import __version__
 from ckpt_stability.atomic import atomic_directory
 from ckpt_stability.checkpoints import INDEX_FILE, SINGLE_FILE, read_checkpoint_headers
-from ckpt_stability.weight_formats import DTYPE_SIZES, TensorEntry, WeightFileHeader
+from ckpt_stability.dcp_checkpoints import is_dcp_directory
+from ckpt_stability.weight_formats import DTYPE_SIZES, Piece, TensorEntry, WeightFileHeader
 from ckpt_stability.errors import InputError, UnusableCheckpoint
 from ckpt_stability.outcomes import check_not_excluded
 
@@ -136,6 +139,12 @@ class _Source:
     """a tensor saved as a view: its strides in elements; None: contiguous"""
     scratch: bool = False
     """read from the averager's scratch file, where the strided source was rewritten contiguous"""
+    pieces: tuple[Piece, ...] = ()
+    """a tensor stored in several files (``weight_formats.TensorEntry.pieces``); empty: at ``begin`` of ``path``"""
+
+    @property
+    def paths(self) -> list[Path]:
+        return [piece.path for piece in self.pieces] or [self.path]
 
 
 @dataclass(frozen=True)
@@ -186,38 +195,57 @@ def average_or_record(members: list[Path], output: Path, *, record_unusable: boo
 
 def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None = None,
                         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
-                        threads: int | None = None) -> dict:
+                        threads: int | None = None, assets: Path | None = None) -> dict:
     """Write the uniform mean of ``members`` (checkpoint directories, oldest first) to ``output``.
 
     ``dtype``: None keeps each tensor's dtype, or "float32", "bfloat16", "float16" for every
     floating-point tensor. ``steps``: the members' steps, recorded in averaging.json. ``threads``:
-    default, the CPUs this process may run on (at most ``MAX_THREADS``). See the module docstring for
-    the definition and the refusals. Returns a summary: tensors, bytes, files, seconds.
+    default, the CPUs this process may run on (at most ``MAX_THREADS``). ``assets``: the directory whose
+    config.json and tokenizer go with the weights, for members that hold weights only (torch.distributed
+    checkpoints, whose tensor names must be that model's: the workflow checks them when it starts, and
+    ``conversion`` for every raw checkpoint); default, the newest member. See the module docstring for the
+    definition and the refusals. Returns a summary: tensors, bytes, files, seconds.
     """
-    started = time.perf_counter()
     members = [Path(member) for member in members]
     output = Path(output)
     _check_arguments(members, dtype, max_shard_size, steps)
+    _check_output(output, members)
+    with atomic_directory(output) as tmp:
+        summary = write_mean(members, tmp, dtype=dtype, max_shard_size=max_shard_size, steps=steps, threads=threads,
+                             assets=assets)
+    log.info("wrote %s", output)
+    return {"output": str(output), **summary}
+
+
+def write_mean(members: list[Path], directory: Path, *, dtype: str | None = None,
+               max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
+               threads: int | None = None, assets: Path | None = None) -> dict:
+    """The mean of ``members`` written into the empty ``directory``, as ``average_checkpoints`` describes; with
+    one member, that checkpoint itself in safetensors, bit for bit (how a torch.distributed checkpoint is
+    made a Hugging Face directory, ``conversion``)."""
+    started = time.perf_counter()
+    if assets is None and is_dcp_directory(members[-1]):
+        raise InputError(f"{members[-1]}: a torch.distributed checkpoint holds weights only: name the directory of "
+                         f"its config.json and tokenizer (--assets)")
     for member in members:
         check_not_excluded(member)  # a checkpoint whose conversion failed: the window is not built
     tables = _match_tied([read_checkpoint_headers(member) for member in members])
     _check_agreement(members, tables)
-    _check_output(output, members)
     tensors, shards = _plan_output(tables, OUTPUT_DTYPES.get(dtype), max_shard_size)
     total = sum(shard.size for shard in shards)
     threads = threads or min(MAX_THREADS, _usable_cpus())
-    log.info("averaging %d checkpoints (%s ... %s): %d tensors, %.2f GB out, %d thread(s)",
-             len(members), members[0], members[-1], len(tensors), total / 1e9, threads)
-    with atomic_directory(output) as tmp:
-        _Averager(tensors, shards, tmp).run(threads)
-        if len(shards) > 1:
-            _write_index(tmp / INDEX_FILE, tensors, shards, total)
-        _copy_support_files(members[-1], tmp, dtype)
-        _write_provenance(tmp / PROVENANCE_FILE, members, steps, dtype, len(tensors), total)
+    what = f"averaging {len(members)} checkpoints ({members[0]} ... {members[-1]})" if len(members) > 1 else \
+        f"writing {members[0]} as safetensors"
+    log.info("%s: %d tensors, %.2f GB out, %d thread(s)", what, len(tensors), total / 1e9, threads)
+    _Averager(tensors, shards, directory).run(threads)
+    if len(shards) > 1:
+        _write_index(directory / INDEX_FILE, tensors, shards, total)
+    _copy_support_files(assets or members[-1], directory, dtype)
+    _write_provenance(directory / PROVENANCE_FILE, members, steps, dtype, len(tensors), total)
     seconds = time.perf_counter() - started
     read = len(members) * sum(tensor.count * DTYPE_SIZES[tensor.in_dtype] for tensor in tensors)
-    log.info("wrote %s in %.1f s (%.2f GB/s read)", output, seconds, read / max(seconds, 1e-9) / 1e9)
-    return {"output": str(output), "members": len(members), "tensors": len(tensors), "bytes": total,
+    log.info("done in %.1f s (%.2f GB/s read)", seconds, read / max(seconds, 1e-9) / 1e9)
+    return {"members": len(members), "tensors": len(tensors), "bytes": total,
             "files": [shard.name for shard in shards], "seconds": round(seconds, 3)}
 
 
@@ -370,7 +398,7 @@ def _plan_output(tables: list[Table], requested: str | None,
             entries = [table[name][1] for table in tables]
             tensors.append(_Tensor(
                 name=name, shape=entries[-1].shape, in_dtype=entries[-1].dtype, out_dtype=out_dtype(name),
-                sources=tuple(_Source(table[name][0].path, entry.begin, entry.strides)
+                sources=tuple(_Source(table[name][0].path, entry.begin, entry.strides, pieces=entry.pieces)
                               for table, entry in zip(tables, entries)),
                 shard=number, offset=data_start + header[name]["data_offsets"][0],
             ))
@@ -401,9 +429,9 @@ class _Averager:
     def run(self, threads: int) -> None:
         try:
             for tensor in self.tensors:
-                for source in tensor.sources:
-                    if source.path not in self.inputs:
-                        self.inputs[source.path] = os.open(source.path, os.O_RDONLY)
+                for path in {path for source in tensor.sources for path in source.paths}:
+                    if path not in self.inputs:
+                        self.inputs[path] = os.open(path, os.O_RDONLY)
             self._make_contiguous()
             for shard in self.shards:
                 fd = os.open(self.directory / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -516,8 +544,14 @@ class _Averager:
         size = DTYPE_SIZES[tensor.in_dtype]
         source = tensor.sources[member]
         view = buffer[: (stop - start) * size]
-        fd = self.scratch.fileno() if source.scratch else self.inputs[source.path]
-        _read_exactly(fd, view, source.begin + start * size, source.path, tensor.name)
+        if not source.pieces:
+            fd = self.scratch.fileno() if source.scratch else self.inputs[source.path]
+            _read_exactly(fd, view, source.begin + start * size, source.path, tensor.name)
+        for piece in source.pieces:  # the pieces that overlap [start, stop)
+            low, high = max(start, piece.first), min(stop, piece.first + piece.count)
+            if low < high:
+                _read_exactly(self.inputs[piece.path], view[(low - start) * size:(high - start) * size],
+                              piece.begin + (low - piece.first) * size, piece.path, tensor.name)
         return view
 
     def _refuse_non_finite(self, tensor: _Tensor, start: int, mean: np.ndarray, limit: float) -> None:

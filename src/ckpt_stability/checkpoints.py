@@ -43,6 +43,7 @@ from pathlib import Path
 
 from ckpt_stability import layout
 from ckpt_stability.errors import InputError, UnusableCheckpoint
+from ckpt_stability.dcp_checkpoints import is_dcp_directory, read_dcp_headers
 from ckpt_stability.native_formats import HF_FORMAT, native_incomplete_reason
 from ckpt_stability.weight_formats import (UnsupportedWeights, WeightFileHeader, TensorEntry, check_with_torch,
                                            read_header, read_torch_file)
@@ -284,6 +285,23 @@ def iter_tensors(path: str | Path):
         yield from torch.load(path, map_location="cpu", weights_only=True, mmap=True).items()
 
 
+def assets_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot give a model its config.json and tokenizer, or None."""
+    if not directory.is_dir():
+        return "not a directory"
+    try:
+        read_config(directory)
+    except InputError as error:
+        return str(error)
+    return _tokenizer_problem(directory)
+
+
+def _tokenizer_problem(directory: Path) -> str | None:
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return f"no tokenizer (none of {', '.join(TOKENIZER_FILES)})"
+    return None
+
+
 def check_model_dir(directory: str | Path) -> None:
     """Everything inference needs, checked before loading, so that a broken checkpoint is an error that
     names the file and the problem rather than a traceback from deep inside a library. ``.bin`` weights
@@ -297,8 +315,9 @@ def check_model_dir(directory: str | Path) -> None:
     for header in headers.values():
         if header.format == "torch":
             check_with_torch(header)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise UnusableCheckpoint(f"{directory}: no tokenizer (none of {', '.join(TOKENIZER_FILES)})")
+    problem = _tokenizer_problem(directory)
+    if problem is not None:
+        raise UnusableCheckpoint(f"{directory}: {problem}")
 
 
 def _weight_file_problem(path: Path) -> Problem | None:
@@ -342,8 +361,11 @@ def read_weight_file(path: str | Path) -> WeightFileHeader:
 
 
 def read_checkpoint_headers(directory: str | Path) -> dict[str, tuple[WeightFileHeader, TensorEntry]]:
-    """tensor name -> (its file's header, its entry), over all shards; checks the index agrees."""
+    """tensor name -> (its file's header, its entry), over all shards; checks the index agrees. A directory
+    saved by torch.distributed.checkpoint is read as ``dcp_checkpoints`` does."""
     directory = Path(directory)
+    if is_dcp_directory(directory):
+        return read_dcp_headers(directory)
     tensors: dict[str, tuple[WeightFileHeader, TensorEntry]] = {}
     for path in weight_files(directory):
         header = read_weight_file(path)
@@ -381,17 +403,29 @@ class Run:
     """directory -> its weight format, which is not read (see ``Discovery.unsupported``)"""
     convert: str | None = None
     """the command that turns each checkpoint into a Hugging Face directory (``conversion``), if any"""
+    hf_assets: Path | None = None
+    """torch.distributed checkpoints read in place: the directory of their config.json and tokenizer"""
 
     @property
     def steps(self) -> list[int]:
         return list(self.paths)
 
+    @property
+    def converted(self) -> bool:
+        """Its checkpoints are evaluated through the workflow's convert rule (a command, or written from a
+        torch.distributed checkpoint by this package)."""
+        return self.convert is not None or self.hf_assets is not None
+
     def model_path(self, step: int) -> Path:
         """The Hugging Face directory of ``step``: the checkpoint itself, or its conversion (written by the
         workflow's convert rule)."""
-        if self.convert is None:
+        if not self.converted:
             return self.paths[step]
         return Path(layout.fill(layout.CONVERTED, run=self.name, step=step))
+
+    def average_member(self, step: int) -> Path:
+        """What averages read for ``step``: a torch.distributed checkpoint in place, else ``model_path``."""
+        return self.paths[step] if self.hf_assets is not None else self.model_path(step)
 
     def window(self, step: int, n: int) -> list[int]:
         """The trailing window of ``n`` consecutive checkpoints ending at ``step`` (inclusive)."""
@@ -410,16 +444,17 @@ class Run:
 
 
 def plan_run(name: str, pattern: str, largest_window: int, produced_steps: list[int] = (), *,
-             native_format: str = HF_FORMAT, convert: str | None = None) -> Run:
+             native_format: str = HF_FORMAT, convert: str | None = None, hf_assets: Path | None = None) -> Run:
     """Discover a run's checkpoints; ``produced_steps`` are checkpoints a rule of the workflow will write
     (the demo's), counted as present; ``native_format`` and ``convert``: a run in a trainer's format and
-    its converter. A run too short for the largest window is an error."""
+    its converter, or the config and tokenizer of its torch.distributed checkpoints. A run too short for the
+    largest window is an error."""
     found = discover(pattern, native_format)
     paths = dict(found.complete)
     for step in produced_steps:
         paths.setdefault(step, checkpoint_path(pattern, step))
     paths = dict(sorted(paths.items()))
-    if convert is None:  # converted checkpoints are checked one by one, once converted (``conversion``)
+    if convert is None and hf_assets is None:  # converted ones are checked one by one, once converted
         _check_one_architecture(name, found.complete)
     needed = largest_window + 2
     if len(paths) < needed:
@@ -430,7 +465,7 @@ def plan_run(name: str, pattern: str, largest_window: int, produced_steps: list[
             + (f"; in an unsupported weight format: {', '.join(map(str, found.unsupported))} "
                f"(supported: {SUPPORTED})" if found.unsupported else "")
         )
-    return Run(name, pattern, paths, found.incomplete, found.unsupported, convert)
+    return Run(name, pattern, paths, found.incomplete, found.unsupported, convert, hf_assets)
 
 
 def _check_one_architecture(name: str, checkpoints: dict[int, Path]) -> None:

@@ -77,13 +77,15 @@ def _average(args: argparse.Namespace) -> None:
 
     average_or_record([Path(p) for p in args.checkpoints], Path(args.output), record_unusable=args.record_unusable,
                       dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      steps=_steps(args.steps) if args.steps else None, threads=args.threads)
+                      steps=_steps(args.steps) if args.steps else None, threads=args.threads,
+                      assets=Path(args.assets) if args.assets else None)
 
 
 def _convert(args: argparse.Namespace) -> None:
     from ckpt_stability.conversion import convert
 
-    convert(args.command, Path(args.checkpoint), Path(args.output), args.step, args.run)
+    convert(args.command, Path(args.checkpoint), Path(args.output), args.step, args.run,
+            assets=Path(args.assets) if args.assets else None)
 
 
 def _evaluation_job(args: argparse.Namespace):
@@ -214,6 +216,81 @@ def _report(args: argparse.Namespace) -> None:
                  targets=Path(args.targets) if args.targets else None)
 
 
+def _export(args: argparse.Namespace) -> None:
+    from ckpt_stability.export import write_receipt
+    from ckpt_stability.export.records import Results, read_tracker_runs
+
+    runs = read_tracker_runs(Results(scores=Path(args.scores), tables=Path(args.tables),
+                                     perplexity=Path(args.perplexity_dir), targets=Path(args.targets),
+                                     report=Path(args.report)))
+    exported = args.send(runs, args)
+    for entry in exported:
+        log.info("%s: %d new step(s)%s", entry.name, len(entry.steps), ", tables sent" if entry.summary else "")
+    if args.receipt:
+        write_receipt(Path(args.receipt), args.tracker, exported)
+
+
+def _to_tensorboard(runs, args: argparse.Namespace):
+    from ckpt_stability.export.settings import TensorBoardSettings
+    from ckpt_stability.export.tensorboard import export
+
+    return export(runs, TensorBoardSettings(Path(args.logdir)))
+
+
+def _to_wandb(runs, args: argparse.Namespace):
+    from ckpt_stability.export.settings import WandbSettings
+    from ckpt_stability.export.wandb import export
+
+    return export(runs, WandbSettings(project=args.project, entity=args.entity, group=args.group, mode=args.mode,
+                                      dir=Path(args.dir)))
+
+
+def _to_mlflow(runs, args: argparse.Namespace):
+    from ckpt_stability.export.mlflow import export
+    from ckpt_stability.export.settings import MlflowSettings
+
+    return export(runs, MlflowSettings(tracking_uri=args.tracking_uri, experiment=args.experiment))
+
+
+def _export_parsers(commands) -> None:
+    """`export TRACKER`: the results already computed, into a tracker, one tracker run per (run, method, window)."""
+    from ckpt_stability import layout
+    from ckpt_stability.export.settings import MlflowSettings, TensorBoardSettings, WandbSettings
+
+    export = commands.add_parser("export", help="send the results to an experiment tracker, on the training step "
+                                                "axis (only what it does not hold yet)")
+    trackers = export.add_subparsers(dest="tracker", required=True, metavar="TRACKER")
+    tensorboard = trackers.add_parser("tensorboard", help="TensorBoard event files, a directory per tracker run")
+    tensorboard.add_argument("--logdir", default=str(TensorBoardSettings.logdir),
+                             help="TensorBoard's log directory, e.g. the training's (default %(default)s)")
+    tensorboard.set_defaults(send=_to_tensorboard)
+    wandb = trackers.add_parser("wandb", help="Weights & Biases runs (offline: a directory for `wandb sync`)")
+    wandb.add_argument("--project", required=True)
+    wandb.add_argument("--entity", help="the team or user (default: W&B's default entity)")
+    wandb.add_argument("--group", help="the runs' group (default: each training run's name)")
+    wandb.add_argument("--mode", choices=["offline", "online"], default=WandbSettings.mode)
+    wandb.add_argument("--dir", default=str(WandbSettings.dir),
+                       help="W&B's directory: offline runs go to its wandb/ (default %(default)s)")
+    wandb.set_defaults(send=_to_wandb)
+    mlflow = trackers.add_parser("mlflow", help="MLflow runs in an experiment")
+    mlflow.add_argument("--tracking-uri", default=MlflowSettings.tracking_uri,
+                        help="a SQLite database (sqlite:///PATH) or a tracking server (default %(default)s)")
+    mlflow.add_argument("--experiment", default=MlflowSettings.experiment, help="(default %(default)s)")
+    mlflow.set_defaults(send=_to_mlflow)
+    for tracker in (tensorboard, wandb, mlflow):
+        tracker.add_argument("--scores", default=layout.SCORES, help="the scores table (default %(default)s)")
+        tracker.add_argument("--tables", default=layout.TABLES_DIR,
+                             help="folder of stability.csv, improvement.csv and pick.csv (default %(default)s)")
+        tracker.add_argument("--perplexity-dir", default=layout.PERPLEXITY_DIR,
+                             help="the perplexity files, read where present (default %(default)s)")
+        tracker.add_argument("--targets", default=layout.TARGETS,
+                             help="the fine-tuning outcomes, read where present (default %(default)s)")
+        tracker.add_argument("--report", default=layout.REPORT,
+                             help="the report, sent where the tracker keeps files (default %(default)s)")
+        tracker.add_argument("--receipt", help="write what the export wrote here (JSON)")
+        tracker.set_defaults(handler=_export)
+
+
 def _reduction_inputs(parser: argparse.ArgumentParser) -> None:
     """The inputs every reduction after `scores` reads."""
     parser.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
@@ -254,7 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     average = commands.add_parser(
         "average", help="uniform mean of the weights of several checkpoints (streamed, bounded memory)")
     average.add_argument("checkpoints", nargs="+", metavar="CKPT_DIR",
-                         help="Hugging Face checkpoint directories, oldest first (the last is the newest)")
+                         help="Hugging Face checkpoint directories, or torch.distributed checkpoint directories "
+                              "with Hugging Face names (with --assets), oldest first (the last is the newest)")
     average.add_argument("--output", required=True, help="directory of the averaged checkpoint")
     average.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                          help="storage dtype of the result (default: the checkpoints' dtype)")
@@ -263,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     average.add_argument("--steps", help="the members' steps, comma-separated, recorded in the provenance file")
     average.add_argument("--threads", type=int, help="worker threads (default: the CPUs this process may use, "
                                                       "at most 8)")
+    average.add_argument("--assets", metavar="HF_ASSETS",
+                         help="the directory whose config.json and tokenizer go with the average, for checkpoints "
+                              "that hold weights only (torch.distributed checkpoints); default: the newest's")
     average.add_argument("--record-unusable", action="store_true",
                          help="when a member is unusable (non-finite or broken weights), write the output "
                               "directory with only excluded.json, holding the reason, and exit 0")
@@ -271,9 +352,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert = commands.add_parser(
         "convert", help="a trainer's native checkpoint to a Hugging Face directory, with your converter")
     convert.add_argument("checkpoint", metavar="NATIVE_DIR", help="the checkpoint as the trainer left it")
-    convert.add_argument("--command", required=True,
-                         help="the converter: a shell command with {src} (the checkpoint), {out} (the directory to "
-                              "fill), {step} and {run}, each replaced by its shell-quoted value")
+    converter = convert.add_mutually_exclusive_group(required=True)
+    converter.add_argument("--command",
+                           help="the converter: a shell command with {src} (the checkpoint), {out} (the directory to "
+                                "fill), {step} and {run}, each replaced by its shell-quoted value")
+    converter.add_argument("--assets", metavar="HF_ASSETS",
+                           help="no converter: NATIVE_DIR is a torch.distributed checkpoint with Hugging Face names, "
+                                "written as safetensors beside the config.json and tokenizer of HF_ASSETS")
     convert.add_argument("--output", required=True,
                          help="the Hugging Face directory, written once the result validates; otherwise it holds "
                               "only excluded.json, with the reason and the converter's last stderr lines")
@@ -427,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--output", required=True,
                         help="the report (results/report/report.html); figures go to figures/ beside it")
     report.set_defaults(handler=_report)
+
+    _export_parsers(commands)
     return parser
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from ckpt_stability.errors import InputError
-from ckpt_stability.native_formats import HF_FORMAT
+from ckpt_stability.native_formats import DCP_FORMAT, HF_FORMAT
 
 log = logging.getLogger(__name__)
 
@@ -76,16 +76,30 @@ class RunSource:
     pattern: str
     format: str = HF_FORMAT
     convert: str | None = None
+    hf_assets: str | None = None
+    """for format dcp without a converter: the directory of config.json and the tokenizer (``dcp_checkpoints``)"""
 
     @classmethod
     def from_config(cls, name: str, entry: str | dict) -> "RunSource":
-        """A run of the config: its short form (the pattern) or its mapping (path, format, convert)."""
+        """A run of the config: its short form (the pattern) or its mapping (path, format, convert, hf_assets)."""
         if isinstance(entry, str):
             return cls(entry)
-        source = cls(entry["path"], entry.get("format", HF_FORMAT), entry.get("convert"))
-        if source.format != HF_FORMAT and source.convert is None:
+        source = cls(entry["path"], entry.get("format", HF_FORMAT), entry.get("convert"), entry.get("hf_assets"))
+        if source.hf_assets is not None:
+            if source.format != DCP_FORMAT or source.convert is not None:
+                raise InputError(f"config runs.{name}.hf_assets: for format {DCP_FORMAT} without a convert command "
+                                 f"(checkpoints with Hugging Face names, read in place); this run has format "
+                                 f"{source.format}" + (" and a convert command" if source.convert else ""))
+            from ckpt_stability.checkpoints import assets_problem
+
+            problem = assets_problem(Path(source.hf_assets))
+            if problem is not None:
+                raise InputError(f"config runs.{name}.hf_assets: {source.hf_assets}: {problem}")
+        elif source.format != HF_FORMAT and source.convert is None:
             raise InputError(f"config runs.{name}: format {source.format} needs a convert command that turns each "
-                             f"checkpoint into a Hugging Face directory")
+                             f"checkpoint into a Hugging Face directory"
+                             + (" (or hf_assets, for checkpoints with Hugging Face names)"
+                                if source.format == DCP_FORMAT else ""))
         if source.convert is not None:
             from ckpt_stability.conversion import converter_problem
 
@@ -93,6 +107,25 @@ class RunSource:
             if problem is not None:
                 raise InputError(f"config runs.{name}.convert: {source.convert!r}: {problem}")
         return source
+
+
+def _check_names_in_place(name: str, run) -> None:
+    """A run read in place must hold its model's tensors under their Hugging Face names: checked once, when the
+    workflow starts, on the newest checkpoint whose .metadata reads (a broken one is left to its jobs)."""
+    from ckpt_stability.conversion import tensor_names_problem
+    from ckpt_stability.dcp_checkpoints import dcp_tensor_names
+    from ckpt_stability.errors import UnusableCheckpoint
+
+    for step in reversed(run.steps):
+        try:
+            names = dcp_tensor_names(run.paths[step])
+        except UnusableCheckpoint:
+            continue
+        problem = tensor_names_problem(names, run.hf_assets)
+        if problem is not None:
+            raise InputError(f"config runs.{name}.hf_assets: {run.paths[step]}: {problem} (of {run.hf_assets}); a "
+                             f"checkpoint whose names are not Hugging Face's takes a convert command")
+        return
 
 
 def plan_runs(runs: dict[str, str | dict], largest_window: int, produced_steps: dict[str, list[int]]) -> dict:
@@ -105,9 +138,12 @@ def plan_runs(runs: dict[str, str | dict], largest_window: int, produced_steps: 
         source = RunSource.from_config(name, entry)
         try:
             planned[name] = plan_run(name, source.pattern, largest_window, produced_steps.get(source.pattern, []),
-                                     native_format=source.format, convert=source.convert)
+                                     native_format=source.format, convert=source.convert,
+                                     hf_assets=Path(source.hf_assets) if source.hf_assets else None)
         except InputError as error:
             raise InputError(f"config runs.{name}: {error}") from None
+        if source.hf_assets is not None:
+            _check_names_in_place(name, planned[name])
         for directory, reason in planned[name].incomplete.items():
             log.warning("run %s: skipping incomplete checkpoint %s (%s); it is picked up once complete, by the next "
                         "invocation", name, directory, reason)

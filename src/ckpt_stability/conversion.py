@@ -71,7 +71,13 @@ def validation_problem(directory: Path) -> str | None:
         present = set(read_checkpoint_headers(directory))
     except UnusableCheckpoint as error:
         return str(error)
-    expected, tied = expected_tensors(directory)
+    return tensor_names_problem(present, directory)
+
+
+def tensor_names_problem(present: set[str], config_dir: Path) -> str | None:
+    """Why the tensor names ``present`` are not those of the model that ``config_dir``'s config.json builds
+    (tied weights may be left out), or None."""
+    expected, tied = expected_tensors(config_dir)
     missing = sorted(expected - present - tied)
     unexpected = sorted(present - expected)
     if missing or unexpected:
@@ -100,19 +106,31 @@ class _NotConverted(Exception):
     """Raised inside the output's temporary directory so that it is discarded; carries the reason."""
 
 
-def convert(command: str, source: Path, output: Path, step: int, run: str) -> None:
+def convert(command: str | None, source: Path, output: Path, step: int, run: str, *,
+            assets: Path | None = None) -> None:
     """Run the converter on ``source`` into a temporary directory and put the result at ``output`` once it
-    validates; otherwise record at ``output`` why the checkpoint was not converted (``outcomes``)."""
+    validates; otherwise record at ``output`` why the checkpoint was not converted (``outcomes``). With no
+    command, ``source`` is a torch.distributed checkpoint with Hugging Face names, written as safetensors
+    beside ``assets``' config.json and tokenizer by this package (``averaging.write_mean`` of one member)."""
+    from ckpt_stability.averaging import write_mean
     from ckpt_stability.outcomes import write_excluded_directory
 
     output = Path(output)
     try:
         with atomic_directory(output) as scratch:
-            rendered = render_command(command, Path(source).resolve(), scratch.resolve(), step, run)
-            log.info("run %s, step %d: %s", run, step, rendered)
-            returncode, tail = _run(rendered)
-            if returncode != 0:
-                raise _NotConverted(f"the conversion failed (exit status {returncode}): {tail}")
+            if command is None:
+                log.info("run %s, step %d: %s read in place, with the config.json and tokenizer of %s", run, step,
+                         source, assets)
+                try:
+                    write_mean([Path(source)], scratch, steps=[step], assets=assets)
+                except UnusableCheckpoint as error:
+                    raise _NotConverted(f"not readable: {error}") from None
+            else:
+                rendered = render_command(command, Path(source).resolve(), scratch.resolve(), step, run)
+                log.info("run %s, step %d: %s", run, step, rendered)
+                returncode, tail = _run(rendered)
+                if returncode != 0:
+                    raise _NotConverted(f"the conversion failed (exit status {returncode}): {tail}")
             problem = validation_problem(scratch)
             if problem is not None:
                 raise _NotConverted(f"the conversion's output is not a usable Hugging Face checkpoint: {problem}")

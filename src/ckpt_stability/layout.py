@@ -25,6 +25,13 @@ FINETUNED_MODEL = f"{FINETUNE_DIR}/{{run}}/{{method}}{{n}}/step{{step}}/model"
 FINETUNE_RECORD = f"{FINETUNE_DIR}/{{run}}/{{method}}{{n}}/step{{step}}/finetune.json"
 TARGETS = f"{RESULTS}/tables/targets.csv"
 """The fine-tuning outcome of every fine-tuned model: the indicators' target."""
+SCORES = f"{RESULTS}/scores.parquet"
+TABLES_DIR = f"{RESULTS}/tables"
+REPORT = f"{RESULTS}/report/report.html"
+EXPORT_DIR = f"{RESULTS}/export"
+"""The trackers' local stores by default (TensorBoard's logdir, W&B's offline runs, MLflow's database), and
+what each export wrote: EXPORT_RECEIPT."""
+EXPORT_RECEIPT = f"{EXPORT_DIR}/{{tracker}}.json"
 
 
 class _Wildcards(dict):

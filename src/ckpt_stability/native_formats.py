@@ -38,7 +38,8 @@ import zipfile
 from pathlib import Path
 
 HF_FORMAT = "hf"
-FORMATS = (HF_FORMAT, "dcp", "megatron", "olmo-core", "litgpt", "nemo")
+DCP_FORMAT = "dcp"
+FORMATS = (HF_FORMAT, DCP_FORMAT, "megatron", "olmo-core", "litgpt", "nemo")
 """``runs.<name>.format``: how a run's checkpoints are judged complete (hf: ``checkpoints``)"""
 MEGATRON_TRACKER = "latest_checkpointed_iteration.txt"
 NEMO_UNFINISHED = "-unfinished"

@@ -45,6 +45,19 @@ class TensorEntry:
     strides: tuple[int, ...] | None = None
     """None: the data is contiguous, in row-major order; else the strides in elements of a tensor saved
     as a view (``.bin`` files only)"""
+    pieces: tuple[Piece, ...] = ()
+    """a tensor stored in several runs of elements, in several files (a torch.distributed checkpoint saved
+    by several ranks), in element order; empty: the whole tensor is at ``begin`` in its file"""
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Elements [first, first + count) of a tensor, stored contiguously at byte ``begin`` of ``path``."""
+
+    path: Path
+    begin: int
+    first: int
+    count: int
 
 
 @dataclass(frozen=True)
@@ -280,82 +293,141 @@ def read_torch_file(path: str | Path, *, locate: bool = True) -> WeightFileHeade
     UnsupportedWeights. Neither imports torch nor reads tensor data.
     """
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as handle:
+        archive = _Archive(handle, path, 0, path.stat().st_size)
+        state = archive.load()
+        if not isinstance(state, dict):
+            raise _torch_problem(path, f"holding a pickled {type(state).__name__}, not a state dict "
+                                       f"(tensor name -> tensor)")
+        for name, value in state.items():
+            if not isinstance(name, str) or not isinstance(value, _TensorRef):
+                raise _torch_problem(path, f"holding entry {name!r} = {type(value).__name__}, not a state dict "
+                                           f"of tensors only")
+        tensors = {name: archive.entry(name, tensor, locate) for name, tensor in state.items()}
+    return WeightFileHeader(path, tensors, {}, "torch")
+
+
+def read_torch_tensor(path: str | Path, offset: int, length: int, name: str) -> TensorEntry:
+    """The entry of the one tensor that ``torch.save(tensor)`` wrote at bytes [offset, offset + length) of
+    ``path`` (an item of a torch.distributed.checkpoint data file), located absolutely in ``path``."""
+    path = Path(path)
+    with open(path, "rb") as handle:
+        if offset + length > path.stat().st_size:
+            raise UnusableCheckpoint(f"{path}: truncated (tensor {name!r} is announced at bytes {offset} to "
+                                     f"{offset + length}, the file has {path.stat().st_size})")
+        archive = _Archive(_FileSlice(handle, offset, length), path, offset, length)
+        tensor = archive.load()
+        if not isinstance(tensor, _TensorRef):
+            raise _torch_problem(path, f"holding a pickled {type(tensor).__name__} at byte {offset}, where "
+                                       f"tensor {name!r} should be")
+        return archive.entry(name, tensor, True)
+
+
+class _FileSlice(io.RawIOBase):
+    """Bytes [start, start + length) of an open file, as a file of their own (for zipfile)."""
+
+    def __init__(self, handle, start: int, length: int) -> None:
+        super().__init__()
+        self.handle, self.start, self.length, self.position = handle, start, length, 0
+
+    def seekable(self) -> bool:
+        return True
+
+    def readable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.length}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def tell(self) -> int:
+        return self.position
+
+    def readinto(self, buffer) -> int:
+        count = max(0, min(len(buffer), self.length - self.position))
+        self.handle.seek(self.start + self.position)
+        got = self.handle.readinto(memoryview(buffer)[:count])
+        self.position += got
+        return got
+
+
+class _Archive:
+    """A torch.save zip archive at byte ``base`` of ``path`` (``handle`` reads it from its own byte 0): its
+    records, checked, and its pickle, read without running it."""
+
+    def __init__(self, handle, path: Path, base: int, size: int) -> None:
+        self.handle, self.path, self.base = handle, path, base
         magic = handle.read(4)
         if magic[:1] == b"\x80" and magic[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
             raise _torch_problem(path, "a plain pickle (torch's legacy serialization of torch < 1.6, not its "
                                        "zip format)")
         if magic != b"PK\x03\x04":
-            raise UnusableCheckpoint(f"{path}: not a torch.save zip archive (it starts with {magic!r})")
+            raise UnusableCheckpoint(f"{path}: not a torch.save zip archive (it starts with {magic!r}"
+                                     f"{f' at byte {base}' if base else ''})")
         try:
-            archive = zipfile.ZipFile(handle)
+            self.archive = zipfile.ZipFile(handle)
         except (zipfile.BadZipFile, OSError, ValueError, EOFError) as error:
             raise UnusableCheckpoint(f"{path}: truncated or damaged zip archive ({error}; a copy in progress?)") \
                 from None
-        with archive:
-            records = {info.filename: info for info in archive.infolist()}
-            end = getattr(archive, "start_dir", size)
-            for info in records.values():
-                if info.header_offset + 30 + len(info.orig_filename.encode()) + info.compress_size > end:
-                    raise UnusableCheckpoint(f"{path}: truncated zip archive (record {info.filename!r} ends "
-                                             f"past the start of the central directory at byte {end})")
-            pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") == 1]
-            if len(pickles) != 1:
-                raise _torch_problem(path, "a zip archive without one <archive>/data.pkl: not a torch.save file")
-            prefix = pickles[0].removesuffix("data.pkl")
-            byteorder = records.get(prefix + "byteorder")
-            if byteorder is not None and archive.read(byteorder).strip() != b"little":
-                raise _torch_problem(path, "a big-endian torch archive")
-            if records[pickles[0]].file_size > MAX_PICKLE_BYTES:
-                raise _torch_problem(path, f"a {records[pickles[0]].file_size}-byte pickle: not a state dict")
-            try:
-                unpickler = _TorchUnpickler(archive.read(pickles[0]))
-                state = unpickler.load()
-            except _Refused as refused:
-                raise _torch_problem(path, f"holding {refused}") from None
-            except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
-                    IndexError, AttributeError, RecursionError, OverflowError, struct.error) as error:
-                raise UnusableCheckpoint(f"{path}: {pickles[0]} is damaged ({type(error).__name__}: {error})") \
-                    from None
-            if not isinstance(state, dict):
-                raise _torch_problem(path, f"holding a pickled {type(state).__name__}, not a state dict "
-                                           f"(tensor name -> tensor)")
-            for name, value in state.items():
-                if not isinstance(name, str) or not isinstance(value, _TensorRef):
-                    raise _torch_problem(path, f"holding entry {name!r} = {type(value).__name__}, not a state dict "
-                                               f"of tensors only")
-            starts: dict[str, int] = {}
-            tensors = {}
-            for name, tensor in state.items():
-                record = records.get(f"{prefix}data/{tensor.storage.key}")
-                if record is None:
-                    raise UnusableCheckpoint(f"{path}: tensor {name!r}: its storage record "
-                                             f"{prefix}data/{tensor.storage.key} is missing from the archive")
-                if record.compress_type != zipfile.ZIP_STORED:
-                    raise _torch_problem(path, f"a compressed storage record ({record.filename})")
-                item = DTYPE_SIZES[tensor.dtype]
-                storage_bytes = tensor.storage.size * (item if tensor.storage.dtype else 1)
-                if record.file_size < storage_bytes:
-                    raise UnusableCheckpoint(f"{path}: storage record {record.filename} has {record.file_size} "
-                                             f"bytes, its storage {storage_bytes}")
-                count = math.prod(tensor.shape)
-                last = tensor.offset + sum((dim - 1) * stride for dim, stride in zip(tensor.shape, tensor.strides))
-                extent = 0 if count == 0 else last + 1
-                if extent * item > storage_bytes:
-                    raise UnusableCheckpoint(f"{path}: tensor {name!r} reaches past the end of its storage "
-                                             f"({record.filename}, {storage_bytes} bytes)")
-                if locate and record.filename not in starts:
-                    starts[record.filename] = _record_data_start(handle, record, end, path)
-                base = starts.get(record.filename, 0) + tensor.offset * item
-                contiguous = count == 0 or all(
-                    stride == math.prod(tensor.shape[axis + 1:])
-                    for axis, (dim, stride) in enumerate(zip(tensor.shape, tensor.strides)) if dim != 1)
-                tensors[name] = TensorEntry(
-                    name, tensor.dtype, tensor.shape, base,
-                    base + (count if contiguous else max(extent - tensor.offset, 0)) * item,
-                    None if contiguous else tensor.strides)
-    return WeightFileHeader(path, tensors, {}, "torch")
+        self.records = {info.filename: info for info in self.archive.infolist()}
+        self.end = getattr(self.archive, "start_dir", size)
+        for info in self.records.values():
+            if info.header_offset + 30 + len(info.orig_filename.encode()) + info.compress_size > self.end:
+                raise UnusableCheckpoint(f"{path}: truncated zip archive (record {info.filename!r} ends "
+                                         f"past the start of the central directory at byte {base + self.end})")
+        self.starts: dict[str, int] = {}
+
+    def load(self):
+        """The pickled object, its tensors as ``_TensorRef``."""
+        path, records = self.path, self.records
+        pickles = [name for name in records if name.endswith("data.pkl") and name.count("/") == 1]
+        if len(pickles) != 1:
+            raise _torch_problem(path, "a zip archive without one <archive>/data.pkl: not a torch.save file")
+        self.prefix = pickles[0].removesuffix("data.pkl")
+        byteorder = records.get(self.prefix + "byteorder")
+        if byteorder is not None and self.archive.read(byteorder).strip() != b"little":
+            raise _torch_problem(path, "a big-endian torch archive")
+        if records[pickles[0]].file_size > MAX_PICKLE_BYTES:
+            raise _torch_problem(path, f"a {records[pickles[0]].file_size}-byte pickle: not a state dict")
+        try:
+            return _TorchUnpickler(self.archive.read(pickles[0])).load()
+        except _Refused as refused:
+            raise _torch_problem(path, f"holding {refused}") from None
+        except (zipfile.BadZipFile, pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError,
+                IndexError, AttributeError, RecursionError, OverflowError, struct.error) as error:
+            raise UnusableCheckpoint(f"{path}: {pickles[0]} is damaged ({type(error).__name__}: {error})") \
+                from None
+
+    def entry(self, name: str, tensor: _TensorRef, locate: bool) -> TensorEntry:
+        """Where ``tensor``'s bytes are, absolutely in the file, once checked against its storage record."""
+        path = self.path
+        record = self.records.get(f"{self.prefix}data/{tensor.storage.key}")
+        if record is None:
+            raise UnusableCheckpoint(f"{path}: tensor {name!r}: its storage record "
+                                     f"{self.prefix}data/{tensor.storage.key} is missing from the archive")
+        if record.compress_type != zipfile.ZIP_STORED:
+            raise _torch_problem(path, f"a compressed storage record ({record.filename})")
+        item = DTYPE_SIZES[tensor.dtype]
+        storage_bytes = tensor.storage.size * (item if tensor.storage.dtype else 1)
+        if record.file_size < storage_bytes:
+            raise UnusableCheckpoint(f"{path}: storage record {record.filename} has {record.file_size} "
+                                     f"bytes, its storage {storage_bytes}")
+        count = math.prod(tensor.shape)
+        last = tensor.offset + sum((dim - 1) * stride for dim, stride in zip(tensor.shape, tensor.strides))
+        extent = 0 if count == 0 else last + 1
+        if extent * item > storage_bytes:
+            raise UnusableCheckpoint(f"{path}: tensor {name!r} reaches past the end of its storage "
+                                     f"({record.filename}, {storage_bytes} bytes)")
+        if locate and record.filename not in self.starts:
+            self.starts[record.filename] = self.base + _record_data_start(self.handle, record, self.end, path)
+        base = self.starts.get(record.filename, 0) + tensor.offset * item
+        contiguous = count == 0 or all(
+            stride == math.prod(tensor.shape[axis + 1:])
+            for axis, (dim, stride) in enumerate(zip(tensor.shape, tensor.strides)) if dim != 1)
+        return TensorEntry(name, tensor.dtype, tensor.shape, base,
+                           base + (count if contiguous else max(extent - tensor.offset, 0)) * item,
+                           None if contiguous else tensor.strides)
 
 
 def _record_data_start(handle, record: zipfile.ZipInfo, end: int, path: Path) -> int:

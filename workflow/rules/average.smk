@@ -20,6 +20,7 @@ rule average:
         # the window's member steps: a change of membership rebuilds the average
         members=window_steps,
         dtype=f"--dtype {shlex.quote(config['averaged_dtype'])}" if config["averaged_dtype"] else "",
+        assets=assets_option,
     shell:
         "python -m ckpt_stability average --output {output:q} --steps {params.members:q} --threads {threads}"
-        " --record-unusable {params.dtype} {input:q} > {log:q} 2>&1"
+        " --record-unusable {params.dtype} {params.assets} {input:q} > {log:q} 2>&1"

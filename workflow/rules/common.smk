@@ -164,7 +164,7 @@ def window_steps(wildcards):
 
 def window_checkpoints(wildcards):
     run = RUNS[wildcards.run]
-    return [str(run.model_path(step)) for step in run.window(int(wildcards.step), int(wildcards.n))]
+    return [str(run.average_member(step)) for step in run.window(int(wildcards.step), int(wildcards.n))]
 
 
 def checkpoint_dir(wildcards):
@@ -181,17 +181,40 @@ def converted_output(path):
     return directory(path) if config["keep_converted"] else temp(directory(path))
 
 
-CONVERTED_RUNS = [name for name, run in RUNS.items() if run.convert is not None]
+CONVERTED_RUNS = [name for name, run in RUNS.items() if run.converted]
+COMMAND_CONVERTED_RUNS = [name for name in CONVERTED_RUNS if RUNS[name].convert is not None]
+"""the converted runs whose averages read the conversions (the others read torch.distributed checkpoints in place)"""
+
+
+def converter_option(wildcards):
+    """The convert rule's converter for a run, shell-quoted: its command, or the config and tokenizer that go with
+    the torch.distributed checkpoints read in place."""
+    run = RUNS[wildcards.run]
+    if run.convert is not None:
+        return f"--command {shlex.quote(run.convert)}"
+    return f"--assets {shlex.quote(str(run.hf_assets))}"
+
+
+def conversion_priority(wildcards):
+    """Negative, the earlier steps higher (see rule convert)."""
+    return -1 - RUNS[wildcards.run].steps.index(int(wildcards.step))
+
+
+def assets_option(wildcards):
+    """For averages of torch.distributed checkpoints read in place: where config.json and the tokenizer are."""
+    assets = RUNS[wildcards.run].hf_assets
+    return "" if assets is None else f"--assets {shlex.quote(str(assets))}"
 
 
 def trailing_converted_steps():
     """The steps of each converted run's last (largest window - 1) checkpoints, whose conversions are kept by
     convert_trailing, since the windows of the run's next checkpoint read them again and a conversion written
     anew would rerun every job that read it. The others are temporary (unless keep_converted). A step that is
-    trailing in one run keeps its conversion in every run (a wildcard constraint cannot pair run and step)."""
+    trailing in one run keeps its conversion in every such run (a wildcard constraint cannot pair run and step).
+    A run whose torch.distributed checkpoints are read in place keeps none: its averages read the checkpoints."""
     if config["keep_converted"] or LARGEST_WINDOW == 1:
         return []
-    return sorted({step for name in CONVERTED_RUNS for step in RUNS[name].steps[1 - LARGEST_WINDOW :]})
+    return sorted({step for name in COMMAND_CONVERTED_RUNS for step in RUNS[name].steps[1 - LARGEST_WINDOW :]})
 
 
 def task_files():
@@ -400,6 +423,20 @@ def indicator_options(wildcards, input):
     return options + (f" --targets {shlex.quote(input.targets)}" if input.targets else "")
 
 
+# ---------------------------------------------------------------- export to trackers
+
+EXPORT = config.get("export", {})
+"""tracker -> its settings (config key export)"""
+
+
+def export_options(wildcards, input):
+    """The options of `ckpt-stability export <tracker>`: the perplexity and fine-tuning inputs, given as the
+    indicators get them, and the tracker's settings (config key export.<tracker>)."""
+    settings = EXPORT[wildcards.tracker].items()
+    tracker = " ".join(f"--{key.replace('_', '-')} {shlex.quote(str(value))}" for key, value in settings)
+    return f"{indicator_options(wildcards, input)} {tracker}"
+
+
 def final_targets():
     return [
         "results/scores.parquet",
@@ -409,4 +446,5 @@ def final_targets():
         "results/tables/indicators.csv",
         "results/report/report.html",
         *([layout.TARGETS] if FINETUNE else []),
+        *(layout.fill(layout.EXPORT_RECEIPT, tracker=tracker) for tracker in EXPORT),
     ]
