@@ -67,7 +67,7 @@ def main() -> None:
     sampler.stop()
     if done.returncode != 0:
         sys.exit(f"the workflow failed:\n{done.stderr[-3000:]}")
-    conversion = sum(path.stat().st_size for path in next(converted.glob("native/step*")).iterdir())
+    conversion = sampler.largest_conversion
     total = args.checkpoints * conversion
     goal = max(args.windows) + args.cores
     print(f"\nworkflow: {seconds:.0f} s; {len(list(converted.glob('native/step*')))} conversions kept at the end")
@@ -79,13 +79,13 @@ def main() -> None:
 
 
 class PeakSampler(threading.Thread):
-    """The largest size of ``directory`` (every file under it, temporary ones included) and the most
-    conversion directories in it at once, sampled every 50 ms."""
+    """The largest size of ``directory`` (every file under it, temporary ones included), the most conversion
+    directories in it at once, and the largest finished conversion, sampled every 50 ms."""
 
     def __init__(self, directory: Path) -> None:
         super().__init__(daemon=True)
         self.directory = directory
-        self.peak_bytes = self.peak_count = 0
+        self.peak_bytes = self.peak_count = self.largest_conversion = 0
         self.done = threading.Event()
 
     def run(self) -> None:
@@ -93,11 +93,15 @@ class PeakSampler(threading.Thread):
             size, count = 0, 0
             for root, directories, files in os.walk(self.directory):
                 count += sum(name.startswith(("step", ".step")) for name in directories)
+                here = 0
                 for name in files:
                     try:
-                        size += os.stat(os.path.join(root, name)).st_size
+                        here += os.stat(os.path.join(root, name)).st_size
                     except FileNotFoundError:  # deleted while walking
                         pass
+                size += here
+                if Path(root).name.startswith("step"):  # a finished conversion (temporary ones start with ".")
+                    self.largest_conversion = max(self.largest_conversion, here)
             self.peak_bytes, self.peak_count = max(self.peak_bytes, size), max(self.peak_count, count)
 
     def stop(self) -> None:

@@ -90,7 +90,7 @@ from ckpt_stability import __version__
 from ckpt_stability.atomic import atomic_directory
 from ckpt_stability.checkpoints import INDEX_FILE, SINGLE_FILE, read_checkpoint_headers
 from ckpt_stability.dcp_checkpoints import is_dcp_directory
-from ckpt_stability.weight_formats import DTYPE_SIZES, Piece, TensorEntry, WeightFileHeader
+from ckpt_stability.weight_formats import DTYPE_SIZES, Piece, Table
 from ckpt_stability.errors import InputError, UnusableCheckpoint
 from ckpt_stability.outcomes import check_not_excluded
 
@@ -124,9 +124,6 @@ NOT_COPIED_SUFFIXES = (".safetensors", ".index.json", ".bin", ".pt", ".pth", ".c
                        ".npz", ".h5", ".msgpack", ".gguf")
 """weights and training state (optimizer, scheduler, RNG): they do not describe the average"""
 
-
-Table = dict[str, tuple[WeightFileHeader, TensorEntry]]
-"""one checkpoint's tensors: name -> (its file's header, its entry)"""
 
 
 @dataclass(frozen=True)

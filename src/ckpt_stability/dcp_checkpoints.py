@@ -32,14 +32,12 @@ import struct
 from pathlib import Path
 
 from ckpt_stability.errors import UnusableCheckpoint
-from ckpt_stability.weight_formats import (DTYPE_SIZES, TORCH_DTYPES, Piece, TensorEntry, UnsupportedWeights, WeightFileHeader,
-                                           read_torch_tensor)
+from ckpt_stability.weight_formats import (DTYPE_SIZES, TORCH_DTYPES, Piece, Table, TensorEntry, UnsupportedWeights,
+                                           WeightFileHeader, read_torch_tensor)
 
 METADATA_FILE = ".metadata"
 MODEL_KEY = "model"
 """the key under which accelerate (and torch's examples) save the model's state dict beside others"""
-
-Table = dict[str, tuple[WeightFileHeader, TensorEntry]]
 
 
 def is_dcp_directory(directory: Path) -> bool:
