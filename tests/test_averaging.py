@@ -222,10 +222,11 @@ def test_support_files_from_the_newest_member_and_provenance(tmp_path):
     for name in ["config.json", "generation_config.json", "tokenizer.json", "trainer_state.json"]:
         assert (out / name).read_bytes() == (members[-1] / name).read_bytes(), name
     provenance = json.loads((out / "averaging.json").read_text())
-    assert provenance["members"] == [{"path": str(member.resolve()), "step": step}
+    assert provenance["members"] == [{"path": str(member.resolve()), "step": step, "coefficient": 1 / 3}
                                      for member, step in zip(members, [100, 200, 300])]
+    assert provenance["scheme"] == {"scheme": "uniform"} and provenance["effective_step"] == 200
     assert provenance["version"] == ckpt_stability.__version__
-    assert provenance["dtype"] is None and provenance["definition"] == averaging.DEFINITION
+    assert provenance["dtype"] is None and provenance["definition"] == averaging.UNIFORM_DEFINITION
 
 
 def test_the_safetensors_layout_is_aligned_sorted_and_padded(tmp_path):

@@ -32,13 +32,17 @@ def demo_layout(tiny_demo, tmp_path_factory) -> Path:
     return directory
 
 
-def test_averaging_is_bit_identical_to_the_fp32_mean(tmp_path):
+def test_averaging_is_bit_identical_to_its_definitions(tmp_path):
     output = bench("bench_averaging.py", "--count", 2, "--size-mb", 4, "--repeat", 1, "--ours-only", "--dcp",
                    "--workdir", tmp_path)
     assert re.search(r"^ckpt-stability average\s+\d+\.\d+", output, re.MULTILINE)
     assert re.search(r"^DCP read in place: \d+\.\d+x the safetensors path's time", output, re.MULTILINE)
-    for label in ("ckpt-stability average", "ckpt-stability average, DCP"):
+    assert re.search(r"^diagnostics: uniform with --diagnostics \d+\.\d+x the time without", output, re.MULTILINE)
+    for label in ("ckpt-stability average", "ckpt-stability average, DCP", "ckpt-stability average --diagnostics"):
         assert f"{label}: bit-identical to the fp32-accumulated mean" in output
+    for scheme in ("wsm 1-sqrt", "ema half-life 500"):  # steps 1000 and 2000: half the span
+        assert re.search(rf"^{scheme}: \d+\.\d+x the uniform mean's time", output, re.MULTILINE)
+        assert f"ckpt-stability {scheme}: bit-identical to ckpt-stability's {scheme} sum" in output
 
 
 def test_conversion_disk(tmp_path):

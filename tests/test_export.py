@@ -2,6 +2,7 @@
 MLflow (SQLite) configured, and read back with each tracker's own reader: TensorBoard's EventAccumulator,
 MLflow's MlflowClient, and W&B's offline run files decoded with W&B's protobuf schema."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -18,6 +19,7 @@ import yaml
 from ckpt_stability.cli import main
 from ckpt_stability.export.records import Point, Results, TrackerRun, read_tracker_runs
 from ckpt_stability.export.settings import MlflowSettings, TensorBoardSettings, WandbSettings
+from ckpt_stability.plan import Plan
 from helpers import ROOT, cli, cli_command, small_config, snakemake
 from test_workflow import file_states
 
@@ -234,6 +236,28 @@ def test_a_second_export_adds_nothing(workdir):
     assert [entry["steps"] for entry in receipt["runs"]] == [[], []]
 
 
+def test_tracker_runs_follow_the_registrys_order_with_configured_averaging_methods(tmp_path):
+    """Raw first, then the methods in the plan's registry order (avg, the configured averaging methods, vote),
+    each by window; a configured averaging method is a model, so its perplexity is read as avg's is."""
+    plan = Plan(runs={"r": [10, 20, 30]}, windows=[1, 2, 3], methods=["avg", "ema", "vote"],
+                tasks={"t": {"category": "C", "mode": "choice"}}, averaging={"ema": {"scheme": "ema", "half_life": 10}})
+    (tmp_path / "plan.json").write_text(json.dumps(dataclasses.asdict(plan)))
+    series = [(method, window, step) for method, window, steps, _ in plan.series("r") for step in steps]
+    scores = pd.DataFrame([("r", "t", "C", method, window, step, 0.5) for method, window, step in reversed(series)],
+                          columns=["run", "task", "category", "method", "window", "step", "score"])
+    scores.to_parquet(tmp_path / "scores.parquet")
+    (tmp_path / "tables").mkdir()
+    for name in ("stability", "improvement", "pick"):
+        (tmp_path / "tables" / f"{name}.csv").write_text("run,method,window\n")
+    perplexity = tmp_path / "perplexity" / "r" / "ema3" / "step30.json"
+    perplexity.parent.mkdir(parents=True)
+    perplexity.write_text(json.dumps({"perplexity": 1.5}))
+    runs = read_tracker_runs(Results(tmp_path / "scores.parquet", tmp_path / "tables", tmp_path / "plan.json",
+                                     perplexity=tmp_path / "perplexity"))
+    assert [run.series for run in runs] == ["raw1", "avg2", "avg3", "ema2", "ema3", "vote2", "vote3"]
+    assert runs[4].points[-1].metrics == {"eval/t": 0.5, "eval/C": 0.5, "eval/overall": 0.5, "eval/perplexity": 1.5}
+
+
 def test_refused_steps_a_tracker_whose_steps_only_go_forward_cannot_take():
     run = TrackerRun("r", "raw", 1, tuple(Point(step, {"eval/overall": 0.5}) for step in (10, 20, 30, 40)), (), None)
     new, refused = run.points_after({10, 30})
@@ -247,7 +271,8 @@ def test_finetuned_targets_are_a_metric_at_the_fine_tuned_steps(workdir, tmp_pat
     pd.DataFrame({"run": ["tiny", "tiny"], "step": [20, 40], "method": ["raw", "raw"], "window": [1, 1],
                   "target": [0.25, None]}).to_csv(targets, index=False)
     results = workdir / "results"
-    runs = read_tracker_runs(Results(results / "scores.parquet", results / "tables", targets=targets))
+    runs = read_tracker_runs(Results(results / "scores.parquet", results / "tables", results / "plan.json",
+                                     targets=targets))
     raw = next(run for run in runs if run.series == "raw1")
     assert {point.step: point.metrics.get("eval/finetuned") for point in raw.points} == {
         10: None, 20: 0.25, 30: None, 40: None}  # an empty target (not fine-tuned after all) is no point

@@ -1,5 +1,6 @@
 """Pretraining indicators: pairwise accuracy and Kendall's tau, perplexity, the learned comparator."""
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -12,7 +13,8 @@ import pytest
 from ckpt_stability.errors import InputError
 from ckpt_stability.indicators import (ACCURACY_DRAWS, accuracy_interval, comparator_accuracy,
                                        final_stabilised_targets, indicators_table, kendall_tau, pair_masks,
-                                       pairwise_accuracy, read_targets, score_proxies)
+                                       pairwise_accuracy, read_targets, read_weights, score_proxies, weight_proxies,
+                                       write_indicators)
 from ckpt_stability.plan import Plan
 from helpers import with_context_length
 
@@ -200,3 +202,61 @@ def test_accuracy_interval_is_the_bootstrap_over_models():
     low, high = accuracy_interval(proxy, target)
     assert (low, high) == pytest.approx(tuple(np.quantile(by_hand, [0.025, 0.975])), abs=1e-6)
     assert low < pairwise_accuracy(proxy, target)[0] < high
+
+
+# ---------------------------------------------------------------- weight movement
+
+
+def hand_made_weights(path) -> pd.DataFrame:
+    """weights.csv for two_runs(): each raw checkpoint's distance to the previous one (none for the first
+    checkpoint), in total and for attention, and avg2's mean member distance to the average; run good moves less."""
+    rows = []
+    for run, scale in (("good", 1.0), ("weak", 3.0)):
+        for previous, step in ((10, 20), (20, 30), (30, 40)):
+            rows += [(run, "raw", 1, step, previous, "total", scale * 0.1 / step),
+                     (run, "raw", 1, step, previous, "attention", scale * 0.2 / step),
+                     (run, "avg", 2, step, None, "total", scale * 0.05 / step),
+                     (run, "avg", 2, step, None, "mlp", scale * 0.07 / step)]
+    frame = pd.DataFrame(rows, columns=["run", "method", "window", "step", "previous_step", "group",
+                                        "relative_distance"])
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def test_weight_proxies_are_minus_the_relative_distances(tmp_path):
+    weights = hand_made_weights(tmp_path / "weights.csv")
+    proxies = weight_proxies(read_weights(tmp_path / "weights.csv"))
+    assert sorted(proxies.columns) == ["-Δθ/θ attention raw1", "-Δθ/θ total avg2", "-Δθ/θ total raw1"]
+    for row in weights[weights["group"] != "mlp"].itertuples():  # an average's groups make no proxy: its total does
+        column = f"-Δθ/θ {row.group} {row.method}{row.window}"
+        assert proxies.loc[(row.run, row.step), column] == -row.relative_distance
+
+
+def test_weight_movement_is_a_proxy_of_the_indicators_table(tmp_path):
+    """Through write_indicators, as the workflow runs it: the weight proxies are rows of kind weights, over the
+    models they cover (no distance to a previous checkpoint at the first step)."""
+    plan, scores = two_runs()
+    (tmp_path / "plan.json").write_text(json.dumps(dataclasses.asdict(plan)))
+    scores.to_parquet(tmp_path / "scores.parquet")
+    hand_made_weights(tmp_path / "weights.csv")
+    write_indicators(tmp_path / "plan.json", tmp_path / "scores.parquet", None, None, tmp_path / "indicators.csv",
+                     weights_path=tmp_path / "weights.csv")
+    rows = pd.read_csv(tmp_path / "indicators.csv").set_index("proxy")
+    total = rows.loc["-Δθ/θ total raw1"]
+    assert (total["kind"], total["method"], total["window"]) == ("weights", "raw", 1) and pd.isna(total["task"])
+    # the stand-in target orders the runs: good (moving less, so a higher proxy) above weak at every step
+    assert (total["n_models"], total["n_pairs"], total["pairwise_accuracy"]) == (4, 4, 1.0)
+    assert rows.loc["-Δθ/θ total avg2", "kind"] == "weights"
+
+
+def test_an_empty_weights_table_adds_no_proxy(tmp_path):
+    (tmp_path / "weights.csv").write_text("run,method,window,step,previous_step,group,relative_distance\n")
+    _, scores = two_runs()
+    proxies = score_proxies(scores)
+    assert proxies.join(weight_proxies(read_weights(tmp_path / "weights.csv"))).equals(proxies)
+
+
+def test_a_table_without_the_weight_columns_is_refused(tmp_path):
+    (tmp_path / "weights.csv").write_text("run,step,distance\nr,10,0.1\n")
+    with pytest.raises(InputError, match="not a weight movement table .no column"):
+        read_weights(tmp_path / "weights.csv")

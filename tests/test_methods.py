@@ -10,12 +10,14 @@ from ckpt_stability import layout
 from ckpt_stability.cli import _meta, build_parser
 from ckpt_stability.ensemble import COMBINERS
 from ckpt_stability.errors import InputError
-from ckpt_stability.methods import BY_NAME, ENSEMBLE, EVALUATE, METHODS, RAW, STABILISERS, produced_by
+from ckpt_stability.averaging_schemes import Scheme
+from ckpt_stability.methods import AVG, BUILTIN, ENSEMBLE, EVALUATE, RAW, registry
 from ckpt_stability.plan import Plan
-from ckpt_stability.report.style import METHOD_COLORS, METHOD_LABELS, METHOD_STYLES
 from helpers import ROOT, snakemake
 
 TASKS = {"c": {"category": "C", "mode": "choice"}, "g": {"category": "G", "mode": "generate"}}
+AVERAGING = {"wsm": {"scheme": "wsm", "shape": "1-sqrt", "windows": [2]}, "ema": {"scheme": "ema", "half_life": 50}}
+METHODS = registry(AVERAGING)
 
 
 def test_the_config_offers_exactly_the_registrys_methods(tmp_path):
@@ -33,36 +35,63 @@ def test_the_config_offers_exactly_the_registrys_methods(tmp_path):
     refused = snakemake(tmp_path, "--dry-run")
     assert refused.returncode != 0
     assert f"Invalid config in {tmp_path / 'config.yaml'}: methods: 'ema' is not one of " \
-           f"{[method.name for method in STABILISERS]}" in refused.stdout + refused.stderr
+           f"{[method.name for method in registry(config['averaging']).stabilisers]}" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("averaging, message", [
+    ({"wsm": {"scheme": "wsm"}}, "averaging.wsm: shape None: a shape goes with scheme wsm, and scheme wsm needs one"),
+    ({"ema": {"scheme": "ema", "half_life": 0}}, "averaging.ema.half_life: 0 is less than or equal to the minimum"),
+    ({"avg": {"scheme": "ema", "half_life": 3}}, "averaging.avg: avg is the uniform mean"),
+    ({"vote": {"scheme": "uniform"}}, "averaging.vote: vote is a built-in method's name"),
+    ({"wsm": {"scheme": "wsm", "shape": "1-sqrt", "windows": [3]}}, "averaging.wsm.windows: 3 is not one of windows"),
+    ({"ema2": {"scheme": "ema", "half_life": 3}}, "averaging: 'ema2' does not match"),
+])
+def test_averaging_methods_are_checked_when_the_workflow_starts(tmp_path, averaging, message):
+    config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
+    config.update(averaging=averaging, methods=["avg"])
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
+    refused = snakemake(tmp_path, "--dry-run")
+    assert refused.returncode != 0
+    assert f"Invalid config in {tmp_path / 'config.yaml'}: {message}" in refused.stdout + refused.stderr
 
 
 def test_raw_comes_first_and_every_method_is_produced_by_one_stage():
-    assert METHODS[0] is RAW and RAW not in STABILISERS
-    assert produced_by(EVALUATE) + produced_by(ENSEMBLE) == sorted(METHODS, key=lambda m: m.produced_by != EVALUATE)
-    assert len(BY_NAME) == len(METHODS)
+    assert METHODS.methods[0] is RAW and RAW not in METHODS.stabilisers
+    assert METHODS.names == ["raw", "avg", "wsm", "ema", "vote", "prob"]
+    assert METHODS.produced_by(EVALUATE) + METHODS.produced_by(ENSEMBLE) == sorted(
+        METHODS.methods, key=lambda m: m.produced_by != EVALUATE)
+    assert [m.name for m in METHODS.averaging] == ["avg", "wsm", "ema"]
+    assert METHODS["wsm"].scheme == Scheme("wsm", shape="1-sqrt") and METHODS["wsm"].windows == (2,)
+    assert METHODS[AVG.name] == AVG and registry().methods == BUILTIN.methods
 
 
 def test_the_plan_series_are_the_registrys_methods_in_order_on_the_tasks_they_cover():
-    plan = Plan(runs={"r": [10, 20, 30]}, windows=[1, 2], methods=[m.name for m in reversed(STABILISERS)], tasks=TASKS)
+    plan = Plan(runs={"r": [10, 20, 30, 40]}, windows=[1, 2, 3], averaging=AVERAGING,
+                methods=[m.name for m in reversed(METHODS.stabilisers)], tasks=TASKS)
     series = plan.series("r")
-    assert [method for method, *_ in series] == [method.name for method in METHODS]
+    assert [(method, window) for method, window, *_ in series] == [
+        ("raw", 1), ("avg", 2), ("wsm", 2), ("ema", 2), ("vote", 2), ("prob", 2),
+        ("avg", 3), ("ema", 3), ("vote", 3), ("prob", 3)]  # wsm: window 2 only
     for method, window, steps, tasks in series:
-        assert (window, steps) == ((1, [10, 20, 30]) if method == RAW.name else (2, [20, 30]))
-        assert tasks == [name for name, task in TASKS.items() if BY_NAME[method].covers(task["mode"])]
+        assert steps == [10, 20, 30, 40][window - 1:]
+        assert tasks == [name for name, task in TASKS.items() if METHODS[method].covers(task["mode"])]
+    assert plan.coefficients("r", "ema", 3, 40) == ([20, 30, 40], Scheme("ema", half_life=50).coefficients([20, 30, 40]))
+    assert plan.coefficients("r", "vote", 2, 30) == ([20, 30], [0.5, 0.5])
+    assert plan.effective_step("r", "raw", 1, 30) == 30 and plan.effective_step("r", "avg", 3, 40) == 30
 
 
 def test_each_ensemble_method_has_its_function_and_its_command_line_option():
-    assert list(COMBINERS) == [method.name for method in produced_by(ENSEMBLE)]
+    assert list(COMBINERS) == [method.name for method in BUILTIN.produced_by(ENSEMBLE)]
     args = build_parser().parse_args(["ensemble", "m1", "m2", "--tasks", "t", *(f"--{name}-dir=out-{name}"
                                                                                  for name in COMBINERS)])
     assert {name: getattr(args, f"{name}_dir") for name in COMBINERS} == {name: f"out-{name}" for name in COMBINERS}
 
 
 def test_the_report_tells_every_method_apart():
-    assert list(METHOD_LABELS) == list(METHOD_COLORS) == list(METHOD_STYLES) == [method.name for method in METHODS]
-    assert len(set(METHOD_COLORS.values())) == len(METHODS)
-    assert len({(style["marker"], style["ls"]) for name, style in METHOD_STYLES.items() if name != RAW.name}) \
-        == len(STABILISERS)
+    methods = registry({f"scheme_{k}_": {"scheme": "ema", "half_life": k + 1} for k in range(5)}).methods
+    assert len({method.color for method in methods}) == len({method.label for method in methods}) == len(methods)
+    assert len({(method.style["marker"], method.style["ls"]) for method in methods if method is not RAW}) \
+        == len(methods) - 1
 
 
 def test_method_names_are_spelled_in_the_registry_only():
@@ -70,7 +99,7 @@ def test_method_names_are_spelled_in_the_registry_only():
     files = [path for folder in ("src", "workflow") for path in (ROOT / folder).rglob("*")
              if path.is_file() and path.suffix in {".py", ".smk", ".j2", ""} and "egg-info" not in str(path)
              and path.name != "methods.py"] + [ROOT / "Snakefile"]
-    literals = re.compile("|".join(f"([\"']){re.escape(method.name)}\\1" for method in METHODS))
+    literals = re.compile("|".join(f"([\"']){re.escape(method.name)}\\1" for method in BUILTIN.methods))
     assert [str(path.relative_to(ROOT)) for path in files if literals.search(path.read_text(errors="replace"))] == []
 
 

@@ -21,6 +21,7 @@ from ckpt_stability.pick import pick_tables
 from ckpt_stability.predictions import Predictions, write_predictions
 from ckpt_stability.report import build_report
 from ckpt_stability.stability import gather_scores, improvement_table, stability_table, write_scores, write_table
+from ckpt_stability.weight_movement import COLUMNS as WEIGHT_COLUMNS
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -28,10 +29,15 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backg
 TASKS = {"t1": {"category": "C1", "mode": "choice"}, "t2": {"category": "C2", "mode": "choice"},
          "t3": {"category": "C2", "mode": "generate"}}
 RUNS = {"main": list(range(100, 1100, 100)), "second": [5, 10, 15, 20, 25, 30]}
+AVERAGING = {"wsm": {"scheme": "wsm", "shape": "1-sqrt", "windows": [3]}}
+"""an averaging method besides avg, computed for the window of 3 only"""
 EXAMPLES = 12
 # Examples 0..k-1 of a series are right on even steps and wrong on odd ones, so its task score alternates
 # and its MTV is k / EXAMPLES: vote with a window of 3 is flat, hence the steadiest.
-FLIPPING = {("raw", 1): 6, ("avg", 2): 4, ("avg", 3): 3, ("vote", 2): 3, ("vote", 3): 0, ("prob", 2): 4, ("prob", 3): 2}
+FLIPPING = {("raw", 1): 6, ("avg", 2): 4, ("avg", 3): 3, ("wsm", 3): 2, ("vote", 2): 3, ("vote", 3): 0,
+            ("prob", 2): 4, ("prob", 3): 2}
+WEIGHT_GROUPS = {"total": 1.0, "attention": 1.5, "mlp": 0.5}
+"""group -> its share of the total movement in the hand-made weights.csv"""
 TASK_SHA = {task: f"{index}" * 64 for index, task in enumerate(TASKS, start=1)}
 PROMPTS_SHA = "ab" * 32
 
@@ -56,11 +62,23 @@ def synthetic_predictions(plan: Plan, run: str, method: str, window: int, step: 
                     "backend": {"backend": "transformers", "device": "cpu"}, "versions": {"ckpt_stability": "0.1.0"}})
 
 
+def hand_made_weights() -> pd.DataFrame:
+    """weights.csv as rule weights writes it, for run main only (run second has none): the raw checkpoints'
+    relative distance to the previous one, falling as 20 / step, per group; the averages' mean distance of
+    their members to the average, 0.01 · n."""
+    steps = RUNS["main"]
+    rows = [("main", "raw", 1, step, previous, group, share * 20 / step)
+            for previous, step in zip(steps, steps[1:]) for group, share in WEIGHT_GROUPS.items()]
+    rows += [("main", method, window, step, None, "total", 0.01 * window)
+             for method, window in (("avg", 2), ("avg", 3), ("wsm", 3)) for step in steps[window - 1:]]
+    return pd.DataFrame(rows, columns=WEIGHT_COLUMNS).astype({"previous_step": "Int64"})
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("report")
-    plan = Plan(runs=RUNS, windows=[1, 2, 3], methods=["avg", "vote", "prob"], tasks=TASKS, final_fraction=0.5,
-                predictions=str(root / "predictions"))
+    plan = Plan(runs=RUNS, windows=[1, 2, 3], methods=["avg", "wsm", "vote", "prob"], tasks=TASKS, final_fraction=0.5,
+                predictions=str(root / "predictions"), averaging=AVERAGING)
     for run in plan.runs:
         for method, window, steps, tasks in plan.series(run):
             for step in steps:
@@ -75,6 +93,7 @@ def report(tmp_path_factory) -> Path:
     pick, pick_checkpoints = pick_tables(plan, scores)
     write_table(pick, root / "tables" / "pick.csv")
     pick_checkpoints.to_parquet(root / "tables" / "pick_checkpoints.parquet")
+    hand_made_weights().to_csv(root / "tables" / "weights.csv", index=False)
     # a fine-tuning outcome that grows with the step (the stage's targets.csv): the proxies of these alternating
     # series order it partly
     (root / "targets.csv").write_text("run,step,method,window,target,tasks,recipe,excluded\n" + "".join(
@@ -103,7 +122,7 @@ def cells(html: str) -> set[str]:
 
 def test_every_task_method_and_run_appears(html):
     assert set(TASKS) <= cells(html)
-    assert {"raw", "avg", "vote", "prob"} <= cells(html)
+    assert {"raw", "avg", "wsm", "vote", "prob"} <= cells(html)
     for run in RUNS:
         assert f'id="summary-{run}"' in html
     for category in ("C1", "C2"):
@@ -115,11 +134,85 @@ def test_figures_are_files_and_embedded(report, html):
     expected = {"trajectories_tasks", "trajectories_categories", "stability_by_window", "ever_flipped", "pick",
                 *(f"examples_{task}" for task in TASKS)}
     assert ({(path.parent.name, path.stem) for path in figures}
-            == {(run, name) for run in RUNS for name in expected}
+            == {(run, name) for run in RUNS for name in {*expected, "schemes"}}
+            | {("main", "weights")}  # run second has no rows in weights.csv: no figure
             | {("indicators", name) for name in ("pairwise_accuracy", "key_proxies", "targets")})
     for path in figures:
         assert base64.b64encode(path.read_bytes()).decode("ascii") in html
     assert html.count('src="data:image/png;base64,') == len(figures)
+
+
+def run_html(html: str, run: str) -> str:
+    start = html.index(f'<h2 id="{run}">')
+    return html[start:html.index("<h2", start + 1)]
+
+
+def scheme_rows(html: str, run: str) -> list[list[str]]:
+    """The scheme × window table of a run's section: each row's cells' exact values (data-value)."""
+    section = run_html(html, run)
+    section = section[section.index("<h3>Schemes and windows"):section.index("<h3>Tables")]
+    body = section[section.index("<tbody>"):section.index("</tbody>")]
+    return [re.findall(r'data-value="([^"]*)"', row) for row in re.findall(r"<tr>(.*?)</tr>", body, re.S)]
+
+
+def test_the_scheme_window_view_shows_every_method_and_window_with_its_lag(report, html):
+    """One row per method and window in the registry's order (wsm at its only window), with the overall rows'
+    mean score, MTV and instability of stability.csv, and the lag: for the uniform mean and the ensembles on
+    equally spaced checkpoints (n − 1) / 2 spacings; for wsm the mean over the final segment of step − Σ c_j s_j."""
+    plan = Plan.from_json(report.parent.parent / "plan.json")
+    stability = pd.read_csv(report.parent.parent / "tables" / "stability.csv")
+    for run, spacing in (("main", 100), ("second", 5)):
+        rows = scheme_rows(html, run)
+        assert [(row[0], int(row[2])) for row in rows] == [
+            ("raw", 1), ("avg", 2), ("avg", 3), ("wsm", 3), ("vote", 2), ("vote", 3), ("prob", 2), ("prob", 3)]
+        assert [row[1] for row in rows[:4]] == ["raw checkpoint", "uniform", "uniform", "wsm 1-sqrt"]
+        assert [row[3] for row in rows] == ["all"] * 6 + ["choice only"] * 2
+        lags = {(row[0], int(row[2])): float(row[7]) for row in rows}
+        wsm_lag = np.mean([step - plan.effective_step(run, "wsm", 3, step) for step in plan.segment(run)])
+        assert lags == pytest.approx({("raw", 1): 0, ("avg", 2): spacing / 2, ("avg", 3): spacing,
+                                      ("wsm", 3): wsm_lag, ("vote", 2): spacing / 2, ("vote", 3): spacing,
+                                      ("prob", 2): spacing / 2, ("prob", 3): spacing})
+        assert wsm_lag > spacing  # WSM weighs the early updates fully and the late ones less: more lag than avg
+        overall = stability[(stability.run == run) & (stability.level == "overall")].set_index(["method", "window"])
+        for row in rows:
+            expected = overall.loc[(row[0], int(row[2])), ["mean_score", "mtv", "instability", "lag"]]
+            assert [float(value) for value in row[4:8]] == pytest.approx(expected.tolist())
+
+
+def test_the_weights_figure_draws_weights_csv():
+    """Each raw checkpoint's movement per group and in total, and each average's spread, as weights.csv has them."""
+    from ckpt_stability.report.figures import weights_figure
+
+    weights = hand_made_weights()
+    plan = Plan(runs=RUNS, windows=[1, 2, 3], methods=["avg", "wsm"], tasks=TASKS, averaging=AVERAGING)
+    figure = weights_figure(weights, RUNS["main"], plan.segment("main"), [], [plan.registry["avg"], plan.registry["wsm"]])
+    movement, spread = figure.axes
+    lines = {line.get_label(): line for line in movement.get_lines()}
+    assert set(lines) == {"whole model", "attention", "mlp"}  # groups without rows are not drawn
+    for label, group in (("whole model", "total"), ("attention", "attention"), ("mlp", "mlp")):
+        assert lines[label].get_xdata().tolist() == RUNS["main"][1:]
+        assert lines[label].get_ydata() == pytest.approx([WEIGHT_GROUPS[group] * 20 / step for step in RUNS["main"][1:]])
+    assert movement.get_yscale() == "log"
+    lines = {line.get_label(): line for line in spread.get_lines()}
+    assert set(lines) == {"avg n=2", "avg n=3", "wsm n=3"}
+    assert lines["wsm n=3"].get_xdata().tolist() == RUNS["main"][2:]
+    assert lines["wsm n=3"].get_ydata() == pytest.approx([0.03] * 8)
+    # the step axis of the score trajectories: the run's first to last step, with matplotlib's margins
+    assert spread.get_xlim() == pytest.approx((100 - 45, 1000 + 45))
+
+
+def test_an_empty_weights_table_gives_no_weights_figure(report, tmp_path):
+    """Without averages nothing measured the weights: weights.csv has its header only, and the report has no
+    weights figure (and no error)."""
+    root = report.parent.parent
+    shutil.copytree(root / "tables", tmp_path / "tables")
+    pd.DataFrame(columns=WEIGHT_COLUMNS).to_csv(tmp_path / "tables" / "weights.csv", index=False)
+    output = tmp_path / "report" / "report.html"
+    build_report(plan=root / "plan.json", scores=root / "scores.parquet", tables=tmp_path / "tables",
+                 settings=root / "evaluation_settings.json", output=output)
+    assert not list((output.parent / "figures").rglob("weights.png"))
+    assert "How far the weights move" not in output.read_text(encoding="utf-8")
+    assert "How far the weights move" in report.read_text(encoding="utf-8")
 
 
 def test_summary_opens_with_the_pick(report, html):
@@ -161,7 +254,7 @@ def test_summary_names_the_steadiest_method(html):
     assert '<span class="steadiest-method">vote</span>' in summary
     assert '<span class="steadiest-window">3</span>' in summary
     assert "MTV dropped by 100%" in summary
-    for method in ("raw", "avg", "vote", "prob"):
+    for method in ("raw", "avg", "wsm", "vote", "prob"):
         assert re.search(rf"<td>{method} — ", summary), method
 
 

@@ -1,5 +1,7 @@
 """Stability metrics, final segment, ensembles and aggregation, on hand-made data with hand-computed values."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -193,7 +195,10 @@ def test_tables_agree_with_metrics_computed_by_hand(small_plan):
     scores = gather_scores(small_plan)
     assert len(scores) == 5 * 3 + 4 * 3  # raw: 5 steps, vote2: 4 steps; 3 tasks each
     assert set(scores.columns) == {"run", "task", "category", "method", "window", "step", "metric", "score", "n_examples",
-                                  "excluded"}
+                                  "excluded", "effective_step"}
+    # raw sits at its step; a vote of 2 checkpoints 10 steps apart weighs them equally: 5 steps back
+    assert (scores["step"] - scores["effective_step"]).tolist() == [0.0 if window == 1 else 5.0
+                                                                    for window in scores["window"]]
     table = stability_table(small_plan, scores)
     assert small_plan.segment("r") == [30, 40, 50]  # ceil(0.5 * 5) = 3
     assert len(table) == 2 * (3 + 2 + 1)  # (raw1, vote2) x (3 tasks, 2 categories, overall)
@@ -235,7 +240,7 @@ def test_tables_agree_with_metrics_computed_by_hand(small_plan):
 
 
 def test_prob_rows_cover_choice_tasks_only(small_plan, tmp_path):
-    plan = Plan(**{**small_plan.__dict__, "methods": ["prob"]})
+    plan = dataclasses.replace(small_plan, methods=["prob"])
     for method, window, steps, tasks in plan.series("r"):
         if method == "prob":
             assert tasks == ["t1", "t2"]

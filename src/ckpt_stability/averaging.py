@@ -1,18 +1,26 @@
-"""Checkpoint averaging: the uniform mean of the weights of n checkpoints, streamed with bounded memory.
+"""Checkpoint averaging: the mean of the weights of n checkpoints, uniform or weighted by a scheme
+(``averaging_schemes``), streamed with bounded memory.
 
 Definition (bit for bit)
 ------------------------
 For every floating-point tensor, with x_1 ... x_n its values in the members in the order given
-(oldest first, the last member is the newest)::
+(oldest first, the last member is the newest), the uniform mean::
 
     acc  = x_1 + x_2 + ... + x_n    element-wise, summed left to right, in float32
                                     (in float64 when the members store the tensor as float64)
     mean = acc / n                  one IEEE division in the same precision
     out  = mean cast to the output dtype, rounding to nearest, ties to even
 
+and a weighted mean with coefficients c_1 ... c_n (not all equal; computed in float64 by the scheme)::
+
+    acc  = c_1 x_1 + c_2 x_2 + ... + c_n x_n    each c_j rounded to the accumulator's precision, each product
+                                                and each sum rounded, left to right, in float32 (float64)
+    out  = acc cast to the output dtype, as above (no renormalisation: the c_j sum to 1 in float64)
+
 The output dtype is the members' dtype of that tensor unless ``dtype`` asks for another one; a
 float64 mean bound for a narrower dtype is rounded to float32 first, as torch's ``.to()`` does. The
-result is bitwise what torch gives for ``((x_1.float() + ... + x_n.float()) / n).to(out_dtype)``, but
+uniform mean is bitwise what torch gives for ``((x_1.float() + ... + x_n.float()) / n).to(out_dtype)``, the
+weighted one what it gives for ``(c_1 * x_1.float() + ... + c_n * x_n.float()).to(out_dtype)``, but
 it is computed with numpy alone: no torch import, since every workflow job is a fresh process.
 Integer and bool tensors (buffers, step counters) are not averaged: they must be identical in every
 member and are copied from the newest one.
@@ -58,8 +66,12 @@ streamed after it. Tensors are stored by element size, largest first, then by na
 safetensors library does, so that every tensor is aligned to its element size. Every other file of
 the newest member (config.json, generation_config.json, the tokenizer files) is copied, except weight
 and training-state files (``NOT_COPIED_SUFFIXES``); with ``dtype`` given, the dtype recorded in
-config.json is set to it. ``averaging.json`` records the members, their steps, the dtype, the tool
-version and the definition above.
+config.json is set to it. ``averaging.json`` records the members, their steps, the scheme, the coefficients,
+the effective step Σ c_j s_j, the dtype, the tool version and the definition above.
+
+With ``diagnostics``, the relative distances between the members and to the average (``weight_movement``) are
+measured on the way, chunk by chunk: each chunk's members are read again, from the page cache, once the chunk's
+average is known, and written to that file.
 
 Everything is written into a hidden temporary directory renamed into place at the end
 (``atomic.atomic_directory``): a killed job leaves no output that looks complete. An existing output
@@ -70,6 +82,7 @@ recomputed, as the members may have been rewritten since); anything else there i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -85,23 +98,31 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from ckpt_stability import __version__
+from ckpt_stability import __version__, layout
 from ckpt_stability.atomic import atomic_directory
+from ckpt_stability.averaging_schemes import Scheme, check_steps, effective_step, is_uniform
 from ckpt_stability.checkpoints import INDEX_FILE, SINGLE_FILE, read_checkpoint_headers
 from ckpt_stability.dcp_checkpoints import is_dcp_directory
 from ckpt_stability.weight_formats import DTYPE_SIZES, Piece, Table
 from ckpt_stability.errors import InputError, UnusableCheckpoint
-from ckpt_stability.outcomes import check_not_excluded
+from ckpt_stability.outcomes import check_not_excluded, write_excluded_directory
+from ckpt_stability.weight_movement import SquaredSums, write_excluded as write_excluded_distances
 
 log = logging.getLogger(__name__)
 
-PROVENANCE_FILE = "averaging.json"
-DEFINITION = (
+UNIFORM_DEFINITION = (
     "uniform mean per floating-point tensor: acc = x_1 + ... + x_n summed left to right in member order "
     "in float32 (float64 for float64 tensors), mean = acc / n, cast to the output dtype rounding to "
     "nearest, ties to even; integer and bool tensors must be identical in all members and are copied "
     "from the newest"
+)
+WEIGHTED_DEFINITION = (
+    "weighted mean per floating-point tensor: acc = c_1 * x_1 + ... + c_n * x_n in member order, each c_j "
+    "rounded to float32 (float64 for float64 tensors), each product and each sum rounded, left to right, in that "
+    "precision, cast to the output dtype rounding to nearest, ties to even; integer and bool tensors must be "
+    "identical in all members and are copied from the newest"
 )
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 CHUNK_ELEMENTS = 1 << 18
@@ -178,25 +199,28 @@ class _Shard:
 
 def average_or_record(members: list[Path], output: Path, *, record_unusable: bool, **options) -> None:
     """``average_checkpoints``; where a member is unusable (non-finite or broken weights) and
-    ``record_unusable`` is set, the output directory holds only the reason (``outcomes``) instead."""
-    from ckpt_stability.outcomes import write_excluded_directory
-
+    ``record_unusable`` is set, the output directory (and the diagnostics file) holds only the reason
+    (``outcomes``) instead."""
     try:
         average_checkpoints(members, output, **options)
     except UnusableCheckpoint as error:
         if not record_unusable:
             raise
         write_excluded_directory(Path(output), f"not built: {error}")
+        if options.get("diagnostics") is not None:
+            write_excluded_distances(Path(options["diagnostics"]), f"not built: {error}")
         log.warning("%s: not built: %s", output, error)
 
 
-def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None = None,
+def average_checkpoints(members: list[Path], output: Path, *, scheme: Scheme = Scheme(), dtype: str | None = None,
                         max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
-                        threads: int | None = None, assets: Path | None = None) -> dict:
-    """Write the uniform mean of ``members`` (checkpoint directories, oldest first) to ``output``.
+                        threads: int | None = None, assets: Path | None = None,
+                        diagnostics: Path | None = None) -> dict:
+    """Write the mean of ``members`` (checkpoint directories, oldest first) weighted by ``scheme`` to ``output``.
 
-    ``dtype``: None keeps each tensor's dtype, or "float32", "bfloat16", "float16" for every
-    floating-point tensor. ``steps``: the members' steps, recorded in averaging.json. ``threads``:
+    ``steps``: the members' steps, which a scheme other than uniform needs, recorded in averaging.json.
+    ``diagnostics``: a file to write the weight distances to (``weight_movement``). ``dtype``: None keeps each tensor's dtype, or "float32", "bfloat16", "float16" for every
+    floating-point tensor. ``threads``:
     default, the CPUs this process may run on (at most ``MAX_THREADS``). ``assets``: the directory whose
     config.json and tokenizer go with the weights, for members that hold weights only (torch.distributed
     checkpoints, whose tensor names must be that model's: the workflow checks them when it starts, and
@@ -205,21 +229,24 @@ def average_checkpoints(members: list[Path], output: Path, *, dtype: str | None 
     """
     members = [Path(member) for member in members]
     output = Path(output)
-    _check_arguments(members, dtype, max_shard_size, steps)
+    _check_arguments(members, scheme, dtype, max_shard_size, steps)
     _check_output(output, members)
     with atomic_directory(output) as tmp:
-        summary = write_mean(members, tmp, dtype=dtype, max_shard_size=max_shard_size, steps=steps, threads=threads,
-                             assets=assets)
+        summary = write_mean(members, tmp, scheme=scheme, dtype=dtype, max_shard_size=max_shard_size, steps=steps,
+                             threads=threads, assets=assets, measure=diagnostics is not None)
+    if diagnostics is not None:
+        summary.pop("distances").write(Path(diagnostics))
     log.info("wrote %s", output)
     return {"output": str(output), **summary}
 
 
-def write_mean(members: list[Path], directory: Path, *, dtype: str | None = None,
+def write_mean(members: list[Path], directory: Path, *, scheme: Scheme = Scheme(), dtype: str | None = None,
                max_shard_size: int = DEFAULT_MAX_SHARD_SIZE, steps: list[int] | None = None,
-               threads: int | None = None, assets: Path | None = None) -> dict:
+               threads: int | None = None, assets: Path | None = None, measure: bool = False) -> dict:
     """The mean of ``members`` written into the empty ``directory``, as ``average_checkpoints`` describes; with
     one member, that checkpoint itself in safetensors, bit for bit (how a torch.distributed checkpoint is
-    made a Hugging Face directory, ``conversion``)."""
+    made a Hugging Face directory, ``conversion``). ``measure``: the summary's ``distances`` holds the
+    ``weight_movement.WindowDistances``."""
     started = time.perf_counter()
     if assets is None and is_dcp_directory(members[-1]):
         raise InputError(f"{members[-1]}: a torch.distributed checkpoint holds weights only: name the directory of "
@@ -231,19 +258,27 @@ def write_mean(members: list[Path], directory: Path, *, dtype: str | None = None
     tensors, shards = _plan_output(tables, OUTPUT_DTYPES.get(dtype), max_shard_size)
     total = sum(shard.size for shard in shards)
     threads = threads or min(MAX_THREADS, _usable_cpus())
+    coefficients = scheme.coefficients(steps if steps is not None else range(len(members)))
     what = f"averaging {len(members)} checkpoints ({members[0]} ... {members[-1]})" if len(members) > 1 else \
         f"writing {members[0]} as safetensors"
-    log.info("%s: %d tensors, %.2f GB out, %d thread(s)", what, len(tensors), total / 1e9, threads)
-    _Averager(tensors, shards, directory).run(threads)
+    log.info("%s, %s (coefficients %s): %d tensors, %.2f GB out, %d thread(s)", what, scheme.description,
+             " ".join(f"{c:.4g}" for c in coefficients), len(tensors), total / 1e9, threads)
+    sums = SquaredSums(len(members)) if measure else None
+    with threadpool_limits(1, user_api="blas"):  # the distances' dot products: each in its own pool thread
+        _Averager(tensors, shards, directory, coefficients, sums).run(threads)
     if len(shards) > 1:
         _write_index(directory / INDEX_FILE, tensors, shards, total)
     _copy_support_files(assets or members[-1], directory, dtype)
-    _write_provenance(directory / PROVENANCE_FILE, members, steps, dtype, len(tensors), total)
+    _write_provenance(directory / layout.AVERAGING_PROVENANCE, members, steps, scheme, coefficients, dtype,
+                      len(tensors), total)
     seconds = time.perf_counter() - started
     read = len(members) * sum(tensor.count * DTYPE_SIZES[tensor.in_dtype] for tensor in tensors)
     log.info("done in %.1f s (%.2f GB/s read)", seconds, read / max(seconds, 1e-9) / 1e9)
-    return {"members": len(members), "tensors": len(tensors), "bytes": total,
-            "files": [shard.name for shard in shards], "seconds": round(seconds, 3)}
+    summary = {"members": len(members), "tensors": len(tensors), "bytes": total,
+               "files": [shard.name for shard in shards], "seconds": round(seconds, 3)}
+    if sums is not None:
+        summary["distances"] = sums.distances(steps if steps is not None else list(range(len(members))))
+    return summary
 
 
 def _usable_cpus() -> int:
@@ -251,8 +286,12 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def _check_arguments(members: list[Path], dtype: str | None, max_shard_size: int,
+def _check_arguments(members: list[Path], scheme: Scheme, dtype: str | None, max_shard_size: int,
                      steps: list[int] | None) -> None:
+    if steps is not None:
+        check_steps(steps)
+    elif scheme != Scheme():
+        raise InputError(f"scheme {scheme.description}: its coefficients depend on the checkpoints' steps: give them")
     if len(members) < 2:
         raise InputError(f"averaging needs at least 2 checkpoints, got {len(members)}: "
                          f"{', '.join(map(str, members)) or 'none'}")
@@ -341,13 +380,13 @@ def _check_output(output: Path, members: list[Path]) -> None:
         raise InputError(f"{output}: the output exists and is not a directory")
     if not any(output.iterdir()):
         return
-    provenance = output / PROVENANCE_FILE
+    provenance = output / layout.AVERAGING_PROVENANCE
     try:
         entries = json.loads(provenance.read_text(encoding="utf-8"))["members"]
         recorded = [Path(entry["path"]) for entry in entries]
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{output}: already holds something other than an average (no valid "
-                         f"{PROVENANCE_FILE}); refusing to overwrite it") from None
+                         f"{layout.AVERAGING_PROVENANCE}); refusing to overwrite it") from None
     if recorded != [member.resolve() for member in members]:
         raise InputError(f"{output}: already holds the average of other checkpoints "
                          f"({', '.join(map(str, recorded))}); refusing to overwrite it")
@@ -409,15 +448,29 @@ class _Scratch:
         size = CHUNK_ELEMENTS * 8
         self.raw, self.other, self.acc, self.wide, self.bits, self.out = (
             np.empty(size, np.uint8) for _ in range(6))
+        self._measuring: list[np.ndarray] | None = None
+
+    def measuring(self, count: int) -> list[np.ndarray]:
+        """Four float64 buffers of ``count`` elements for the weight distances (made on first use): the average,
+        a member, the previous member, a difference."""
+        if self._measuring is None:
+            self._measuring = [np.empty(CHUNK_ELEMENTS, np.float64) for _ in range(4)]
+        return [buffer[:count] for buffer in self._measuring]
 
 
 class _Averager:
-    """Reads, averages and writes the chunks of every tensor on a pool of threads."""
+    """Reads, averages and writes the chunks of every tensor on a pool of threads; with ``sums``, measures the
+    members' distances on the way (``weight_movement``)."""
 
-    def __init__(self, tensors: list[_Tensor], shards: list[_Shard], directory: Path) -> None:
+    def __init__(self, tensors: list[_Tensor], shards: list[_Shard], directory: Path, coefficients: list[float],
+                 sums: SquaredSums | None = None) -> None:
         self.tensors = list(tensors)
         self.shards = shards
         self.directory = directory
+        self.uniform = is_uniform(coefficients)
+        self.coefficients = {np.float32: np.array(coefficients, np.float32),
+                             np.float64: np.array(coefficients, np.float64)}
+        self.sums = sums
         self.inputs: dict[Path, int] = {}
         self.outputs: list[int] = []
         self.scratch = None
@@ -439,14 +492,15 @@ class _Averager:
             try:
                 # a bounded queue of chunks, waited for in data order: the error reported is the first
                 # one in data order, and a model of a million chunks does not make a million futures
+                # (the distances' sums are added in that order too: the same figures in every run)
                 for tensor in self.tensors:
                     for start in range(0, tensor.count, CHUNK_ELEMENTS):
                         if len(pending) == 4 * threads:
-                            pending.popleft().result()
+                            self._collect(*pending.popleft())
                         stop = min(start + CHUNK_ELEMENTS, tensor.count)
-                        pending.append(pool.submit(self._process, tensor, start, stop))
+                        pending.append((tensor, pool.submit(self._process, tensor, start, stop)))
                 while pending:
-                    pending.popleft().result()
+                    self._collect(*pending.popleft())
             finally:
                 pool.shutdown(cancel_futures=True)
         finally:
@@ -492,28 +546,42 @@ class _Averager:
             _write(self.scratch.fileno(), np.ascontiguousarray(view[start:start + block]),
                    offset + start * row * size)
 
-    def _process(self, tensor: _Tensor, start: int, stop: int) -> None:
+    def _collect(self, tensor: _Tensor, chunk: Future) -> None:
+        """Wait for a chunk; add its distances' sums, if any."""
+        sums = chunk.result()
+        if sums is not None:
+            self.sums.add(tensor.name, sums)
+
+    def _process(self, tensor: _Tensor, start: int, stop: int) -> np.ndarray | None:
+        """Average (or copy) one chunk and write it; the chunk's distances' sums when measuring a float tensor."""
         scratch = getattr(self.local, "scratch", None)
         if scratch is None:
             scratch = self.local.scratch = _Scratch()
+        sums = None
         if tensor.in_dtype in FLOAT_DTYPES:
             with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused below
-                data = self._average_chunk(tensor, start, stop, scratch)
+                data, sums = self._average_chunk(tensor, start, stop, scratch)
         else:
             data = self._copy_chunk(tensor, start, stop, scratch)
         _write(self.outputs[tensor.shard], data, tensor.offset + start * DTYPE_SIZES[tensor.out_dtype])
+        return sums
 
-    def _average_chunk(self, tensor: _Tensor, start: int, stop: int, scratch: _Scratch) -> np.ndarray:
+    def _average_chunk(self, tensor: _Tensor, start: int, stop: int,
+                       scratch: _Scratch) -> tuple[np.ndarray, np.ndarray | None]:
         count = stop - start
         acc_dtype = np.float64 if tensor.in_dtype == "F64" else np.float32
         acc = scratch.acc[: count * np.dtype(acc_dtype).itemsize].view(acc_dtype)
+        weights = self.coefficients[acc_dtype]
         for member in range(len(tensor.sources)):
             values = _widen(self._read(tensor, member, start, stop, scratch.raw), tensor.in_dtype, scratch.wide)
-            if member == 0:
-                np.copyto(acc, values)
+            if self.uniform:
+                np.copyto(acc, values) if member == 0 else np.add(acc, values, out=acc)
+            elif member == 0:
+                np.multiply(values, weights[0], out=acc)
             else:
-                np.add(acc, values, out=acc)
-        np.divide(acc, acc_dtype(len(tensor.sources)), out=acc)
+                np.add(acc, np.multiply(values, weights[member], out=values), out=acc)  # values: scratch
+        if self.uniform:
+            np.divide(acc, acc_dtype(len(tensor.sources)), out=acc)
         mean = acc
         if acc_dtype is np.float64 and tensor.out_dtype != "F64":
             mean = scratch.wide[: count * 4].view(np.float32)
@@ -522,7 +590,29 @@ class _Averager:
         # min and max propagate NaN, so this one test catches NaN, Inf and overflow in the cast
         if not (-limit < mean.min() and mean.max() < limit):
             self._refuse_non_finite(tensor, start, mean, limit)
-        return _narrow(mean, tensor.out_dtype, scratch.out, scratch.bits)
+        sums = None if self.sums is None else self._measure(tensor, start, stop, acc, scratch)
+        return _narrow(mean, tensor.out_dtype, scratch.out, scratch.bits), sums
+
+    def _measure(self, tensor: _Tensor, start: int, stop: int, average: np.ndarray, scratch: _Scratch) -> np.ndarray:
+        """The chunk's squared sums in the order of ``weight_movement.SquaredSums.size``: each member's norm, its
+        distance to the previous member and to ``average`` (the chunk's average, in the accumulator's dtype), and
+        the average's norm. Differences and sums in float64: a difference of two float32 values is exact there."""
+        n = len(tensor.sources)
+        sums = np.empty(SquaredSums.size(n))
+        average64, current, previous, difference = scratch.measuring(stop - start)
+        np.copyto(average64, average)
+        sums[-1] = np.dot(average64, average64)
+        for member in range(n):
+            np.copyto(current, _widen(self._read(tensor, member, start, stop, scratch.raw), tensor.in_dtype,
+                                      scratch.wide))
+            sums[member] = np.dot(current, current)
+            np.subtract(current, average64, out=difference)
+            sums[2 * n - 1 + member] = np.dot(difference, difference)
+            if member > 0:
+                np.subtract(current, previous, out=difference)
+                sums[n + member - 1] = np.dot(difference, difference)
+            current, previous = previous, current
+        return sums
 
     def _copy_chunk(self, tensor: _Tensor, start: int, stop: int, scratch: _Scratch) -> np.ndarray:
         newest = self._read(tensor, len(tensor.sources) - 1, start, stop, scratch.raw)
@@ -627,7 +717,7 @@ def _write_index(path: Path, tensors: list[_Tensor], shards: list[_Shard], total
 def _copy_support_files(newest: Path, target: Path, dtype: str | None) -> None:
     """Copy the newest member's config, tokenizer and other files; not weights or training state."""
     for source in sorted(newest.iterdir()):
-        skipped = source.name == PROVENANCE_FILE or source.name.endswith(NOT_COPIED_SUFFIXES)
+        skipped = source.name == layout.AVERAGING_PROVENANCE or source.name.endswith(NOT_COPIED_SUFFIXES)
         if source.is_file() and not skipped:
             shutil.copyfile(source, target / source.name)
     config_path = target / "config.json"
@@ -639,14 +729,16 @@ def _copy_support_files(newest: Path, target: Path, dtype: str | None) -> None:
         config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def _write_provenance(path: Path, members: list[Path], steps: list[int] | None, dtype: str | None,
-                      tensors: int, total: int) -> None:
+def _write_provenance(path: Path, members: list[Path], steps: list[int] | None, scheme: Scheme,
+                      coefficients: list[float], dtype: str | None, tensors: int, total: int) -> None:
     provenance = {
         "tool": "ckpt-stability average",
         "version": __version__,
-        "definition": DEFINITION,
-        "members": [{"path": str(member.resolve()), "step": None if steps is None else steps[number]}
-                    for number, member in enumerate(members)],
+        "definition": UNIFORM_DEFINITION if is_uniform(coefficients) else WEIGHTED_DEFINITION,
+        "scheme": {key: value for key, value in dataclasses.asdict(scheme).items() if value is not None},
+        "members": [{"path": str(member.resolve()), "step": None if steps is None else steps[number],
+                     "coefficient": coefficient} for number, (member, coefficient) in enumerate(zip(members, coefficients))],
+        "effective_step": None if steps is None else effective_step(steps, coefficients),
         "dtype": dtype,
         "tensors": tensors,
         "bytes": total,

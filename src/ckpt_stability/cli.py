@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from ckpt_stability import __version__
+from ckpt_stability.averaging_schemes import SCHEMES, SHAPES, UNIFORM
 from ckpt_stability.errors import InputError, reported
-from ckpt_stability.methods import ENSEMBLE, produced_by
+from ckpt_stability.methods import BUILTIN, ENSEMBLE
 
 log = logging.getLogger("ckpt_stability")
 
@@ -51,14 +52,14 @@ def _meta(items: list[str]) -> dict:
     return meta
 
 
-def _seconds(text: str) -> float:
-    """A positive number of seconds."""
+def _positive(text: str) -> float:
+    """A positive, finite number (of seconds, of steps)."""
     try:
         value = float(text)
     except ValueError:
         value = 0.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"not a positive number of seconds: {text!r}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
     return value
 
 
@@ -74,11 +75,20 @@ def _size(text: str) -> int:
 
 def _average(args: argparse.Namespace) -> None:
     from ckpt_stability.averaging import average_or_record
+    from ckpt_stability.averaging_schemes import Scheme
 
+    scheme = Scheme(args.scheme, shape=args.shape, half_life=args.half_life)
+    steps = [step for steps in args.steps for step in steps] if args.steps else None
     average_or_record([Path(p) for p in args.checkpoints], Path(args.output), record_unusable=args.record_unusable,
-                      dtype=args.dtype, max_shard_size=args.max_shard_size,
-                      steps=_steps(args.steps) if args.steps else None, threads=args.threads,
-                      assets=Path(args.assets) if args.assets else None)
+                      scheme=scheme, dtype=args.dtype, max_shard_size=args.max_shard_size, steps=steps,
+                      threads=args.threads, assets=Path(args.assets) if args.assets else None,
+                      diagnostics=Path(args.diagnostics) if args.diagnostics else None)
+
+
+def _weights(args: argparse.Namespace) -> None:
+    from ckpt_stability.weight_movement import write_weights_table
+
+    write_weights_table(Path(args.plan), Path(args.output))
 
 
 def _convert(args: argparse.Namespace) -> None:
@@ -167,16 +177,17 @@ def _indicators(args: argparse.Namespace) -> None:
     from ckpt_stability.indicators import write_indicators
 
     write_indicators(Path(args.plan), Path(args.scores), Path(args.perplexity_dir) if args.perplexity_dir else None,
-                     Path(args.targets) if args.targets else None, Path(args.output))
+                     Path(args.targets) if args.targets else None, Path(args.output),
+                     weights_path=Path(args.weights) if args.weights else None)
 
 
 def _ensemble(args: argparse.Namespace) -> None:
     from ckpt_stability.ensemble import ensemble_window
 
-    outputs = {method.name: Path(getattr(args, f"{method.name}_dir")) for method in produced_by(ENSEMBLE)
+    outputs = {method.name: Path(getattr(args, f"{method.name}_dir")) for method in BUILTIN.produced_by(ENSEMBLE)
                if getattr(args, f"{method.name}_dir")}
     if not outputs:
-        raise InputError(f"give {' and/or '.join(f'--{method.name}-dir' for method in produced_by(ENSEMBLE))}")
+        raise InputError(f"give {' and/or '.join(f'--{method.name}-dir' for method in BUILTIN.produced_by(ENSEMBLE))}")
     ensemble_window([Path(d) for d in args.members], args.tasks.split(","), outputs, provenance=_meta(args.meta))
 
 
@@ -220,7 +231,7 @@ def _export(args: argparse.Namespace) -> None:
     from ckpt_stability.export import write_receipt
     from ckpt_stability.export.records import Results, read_tracker_runs
 
-    runs = read_tracker_runs(Results(scores=Path(args.scores), tables=Path(args.tables),
+    runs = read_tracker_runs(Results(scores=Path(args.scores), tables=Path(args.tables), plan=Path(args.plan),
                                      perplexity=Path(args.perplexity_dir), targets=Path(args.targets),
                                      report=Path(args.report)))
     exported = args.send(runs, args)
@@ -278,6 +289,8 @@ def _export_parsers(commands) -> None:
     mlflow.add_argument("--experiment", default=MlflowSettings.experiment, help="(default %(default)s)")
     mlflow.set_defaults(send=_to_mlflow)
     for tracker in (tensorboard, wandb, mlflow):
+        tracker.add_argument("--plan", default=f"{layout.RESULTS}/plan.json",
+                             help="the workflow's plan: its methods and their order (default %(default)s)")
         tracker.add_argument("--scores", default=layout.SCORES, help="the scores table (default %(default)s)")
         tracker.add_argument("--tables", default=layout.TABLES_DIR,
                              help="folder of stability.csv, improvement.csv and pick.csv (default %(default)s)")
@@ -329,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=_demo_train)
 
     average = commands.add_parser(
-        "average", help="uniform mean of the weights of several checkpoints (streamed, bounded memory)")
+        "average", help="mean of the weights of several checkpoints, uniform or weighted (streamed, bounded memory)")
     average.add_argument("checkpoints", nargs="+", metavar="CKPT_DIR",
                          help="Hugging Face checkpoint directories, or torch.distributed checkpoint directories "
                               "with Hugging Face names (with --assets), oldest first (the last is the newest)")
@@ -338,7 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
                          help="storage dtype of the result (default: the checkpoints' dtype)")
     average.add_argument("--max-shard-size", type=_size, default=_size("5GB"),
                          help="largest weight file; more weights are sharded with an index (default 5GB)")
-    average.add_argument("--steps", help="the members' steps, comma-separated, recorded in the provenance file")
+    average.add_argument("--scheme", choices=SCHEMES, default=UNIFORM,
+                         help="how the checkpoints are weighted (README, \"Averaging schemes\"; default uniform)")
+    average.add_argument("--shape", choices=list(SHAPES), help="--scheme wsm: the decay shape")
+    average.add_argument("--half-life", type=_positive, help="--scheme ema: the half-life, in steps")
+    average.add_argument("--steps", nargs="+", type=_steps, metavar="STEP",
+                         help="the members' steps, oldest first (space- or comma-separated): the weighted schemes' "
+                              "coefficients depend on them; recorded in the provenance file")
+    average.add_argument("--diagnostics", metavar="FILE",
+                         help="also measure the members' relative distances to each other and to the average, "
+                              "into this JSON file")
     average.add_argument("--threads", type=int, help="worker threads (default: the CPUs this process may use, "
                                                       "at most 8)")
     average.add_argument("--assets", metavar="HF_ASSETS",
@@ -404,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
                                f"settings, as the workflow sets it from its config key engine")
     evaluate.add_argument("--engine-vllm", action="store_true",
                           help="use the engine with the vllm backend on a GPU too (on the CPU it always may)")
-    evaluate.add_argument("--engine-idle-timeout", type=_seconds, metavar="SECONDS",
+    evaluate.add_argument("--engine-idle-timeout", type=_positive, metavar="SECONDS",
                           help=f"an engine started by this job ends after this long without a job "
                                f"(default {DEFAULT_IDLE_TIMEOUT:.0f})")
     evaluate.add_argument("--engine-log-dir", default="logs/engine",
@@ -454,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = engine_commands.add_parser("serve", help="run an engine (what `evaluate --engine` starts)")
     serve.add_argument("--socket", required=True, help="the Unix socket to listen on")
     serve.add_argument("--lock", required=True, help="the slot's lock file, held by the job being served")
-    serve.add_argument("--idle-timeout", type=_seconds, required=True, metavar="SECONDS")
+    serve.add_argument("--idle-timeout", type=_positive, required=True, metavar="SECONDS")
     engine_commands.add_parser("stop", help="end the engines serving jobs in the current directory")
     engine.set_defaults(handler=_engine)
 
@@ -462,7 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
     ensemble.add_argument("members", nargs="+", metavar="PREDICTIONS_DIR",
                           help="directories holding {task}.parquet of each checkpoint, oldest first")
     ensemble.add_argument("--tasks", required=True, help="task names, comma-separated")
-    for method in produced_by(ENSEMBLE):
+    for method in BUILTIN.produced_by(ENSEMBLE):
         ensemble.add_argument(f"--{method.name}-dir", help=f"write the {method.label} ensemble here"
                                                             + " (choice tasks)" * method.choice_only)
     ensemble.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
@@ -474,6 +496,11 @@ def build_parser() -> argparse.ArgumentParser:
     scores.add_argument("--plan", required=True, help="the workflow's plan (results/plan.json)")
     scores.add_argument("--output", required=True, help="the scores table (parquet)")
     scores.set_defaults(handler=_scores)
+
+    weights = commands.add_parser("weights", help="gather the averages' weight distances into one table")
+    weights.add_argument("--plan", required=True, help="the workflow's plan.json")
+    weights.add_argument("--output", required=True, help="the table to write (CSV)")
+    weights.set_defaults(handler=_weights)
 
     stability = commands.add_parser("stability", help="stability and improvement tables")
     _reduction_inputs(stability)
@@ -494,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _reduction_inputs(indicators)
     indicators.add_argument("--perplexity-dir", help="results/perplexity, to add the 1/PPL proxies")
     indicators.add_argument("--targets", help="CSV run,step,target (default: each run's final stabilised score)")
+    indicators.add_argument("--weights", help="results/tables/weights.csv, to add the weight movement proxies")
     indicators.add_argument("--output", required=True, help="the table (CSV, and Markdown beside it)")
     indicators.set_defaults(handler=_indicators)
 

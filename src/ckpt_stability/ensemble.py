@@ -1,6 +1,6 @@
 """Checkpoint ensembles: combine the raw predictions of a window's checkpoints, per example.
 
-One function per method that ``methods.METHODS`` says is produced by ENSEMBLE, named after it:
+One function per method that ``methods.BUILTIN`` says is produced by ENSEMBLE, named after it:
 
 * ``vote``: majority vote over the window's predictions. A tie goes, for choice tasks, to the tied
   answer with the highest window-mean probability (softmax over the choices' log-likelihoods);
@@ -19,11 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ckpt_stability.errors import InputError
-from ckpt_stability.methods import BY_NAME, ENSEMBLE, produced_by
+from ckpt_stability.methods import BUILTIN, ENSEMBLE
 from ckpt_stability.metrics import score_examples
 from ckpt_stability.predictions import Predictions, excluded_predictions, read_predictions, write_predictions
 
-METHODS = tuple(method.name for method in produced_by(ENSEMBLE))
+METHODS = tuple(method.name for method in BUILTIN.produced_by(ENSEMBLE))
 
 
 def _softmax(logprobs: np.ndarray) -> np.ndarray:
@@ -117,7 +117,7 @@ def ensemble_window(member_dirs: list[Path], tasks: list[str], outputs: dict[str
         if excluded is None:
             _check_aligned(members, paths)
         for method, directory in outputs.items():
-            if not BY_NAME[method].covers(members[0].provenance["task"]["mode"]):
+            if not BUILTIN[method].covers(members[0].provenance["task"]["mode"]):
                 continue
             if excluded is None:
                 result = combine(members, paths, method, provenance)

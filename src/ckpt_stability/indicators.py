@@ -5,9 +5,14 @@ Following Zeng et al., "Can Pre-training Indicators Reliably Predict Fine-tuning
 the **target** is the outcome (e.g. the score after fine-tuning, or a later-stage evaluation), read
 from a CSV file ``run,step,target``. Proxies:
 
-* ``1/PPL`` of the checkpoint (``raw1``) and of each averaged model (``avg{n}``), on a held-out text;
+* ``1/PPL`` of the checkpoint (``raw1``) and of each averaged model (``avg{n}``, ``wsm{n}``...), on a held-out
+  text;
 * each task's few-shot score and the mean over tasks (``overall``), raw and smoothed by every window
-  and method (``avg``, ``vote``, ``prob``): the stabilised scores are proxies in their own right.
+  and method (``avg``, ``vote``, ``prob``...): the stabilised scores are proxies in their own right;
+* ``-Δθ/θ {group}``, the weight movement (``weights.csv``, where averages measured it), negated so that, as for
+  every proxy, higher is better (settled weights): for ``raw1`` the checkpoint's relative distance to the previous
+  checkpoint, for an averaging method's window the mean relative distance of its members to their average; over
+  the whole model (``total``), and for ``raw1`` per parameter group too.
 
 For every proxy: the **pairwise accuracy** over all pairs of models whose targets differ (the share of
 pairs the proxy orders as the target does; a tie of the proxy counts half; chance is 0.5), with a 95 %
@@ -39,11 +44,16 @@ import pandas as pd
 
 from ckpt_stability import layout
 from ckpt_stability.errors import InputError
-from ckpt_stability.methods import BY_NAME, EVALUATE, RAW, STABILISERS
+from ckpt_stability.methods import EVALUATE, RAW
 from ckpt_stability.outcomes import EXCLUDED_KEY
 from ckpt_stability.plan import Plan
 from ckpt_stability.stability import overall_score
+from ckpt_stability.weight_movement import COLUMNS as WEIGHT_COLUMNS, TOTAL
 
+PERPLEXITY_PROXY = "1/PPL"
+WEIGHTS_PROXY = "-Δθ/θ"
+"""The prefixes of the perplexity and weight movement proxies' names (``{prefix} {method}{n}``,
+``{prefix} {group} {method}{n}``); a score proxy's name starts with its task."""
 COLUMNS = ["proxy", "kind", "method", "window", "task", "n_models", "n_pairs", "pairwise_accuracy",
            "accuracy_ci_low", "accuracy_ci_high", "accuracy_within_run", "n_pairs_within_run",
            "accuracy_across_runs", "n_pairs_across_runs",
@@ -75,18 +85,42 @@ def perplexity_proxies(plan: Plan, directory: Path) -> pd.DataFrame:
     for run in plan.runs:
         # the evaluated models: the raw checkpoints and the averaged models
         series = [(method, window, model_steps) for method, window, model_steps, _ in plan.series(run)
-                  if BY_NAME[method].produced_by == EVALUATE]
+                  if plan.registry[method].produced_by == EVALUATE]
         for method, window, series_steps in series:
             for step in series_steps:
                 path = Path(layout.perplexity(str(directory), run=run, method=method, n=window, step=step))
                 try:
                     record = json.loads(path.read_text(encoding="utf-8"))
                     if EXCLUDED_KEY not in record:
-                        rows.append((run, step, f"1/PPL {method}{window}", record["inverse_perplexity"]))
+                        rows.append((run, step, f"{PERPLEXITY_PROXY} {method}{window}", record["inverse_perplexity"]))
                 except (OSError, ValueError, KeyError) as error:
                     raise InputError(f"{path}: not a perplexity file of this workflow ({error})") from None
     frame = pd.DataFrame(rows, columns=["run", "step", "proxy", "value"])
     return frame.pivot_table(index=["run", "step"], columns="proxy", values="value")
+
+
+def read_weights(path: Path) -> pd.DataFrame:
+    """weights.csv (``weight_movement``): one row per (run, method, window, step, group); none without averages."""
+    try:
+        # round_trip: the distances as written, to the last bit (pandas' fast parser may be an ulp off)
+        frame = pd.read_csv(path, dtype={"run": str, "method": str, "group": str}, float_precision="round_trip")
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path}: cannot read the weight movement table ({error})") from None
+    missing = set(WEIGHT_COLUMNS) - set(frame.columns)
+    if missing:
+        raise InputError(f"{path}: not a weight movement table (no column {', '.join(sorted(missing))})")
+    return frame
+
+
+def weight_proxies(weights: pd.DataFrame) -> pd.DataFrame:
+    """Models x ``-Δθ/θ {group} {method}{n}`` from weights.csv: minus the relative distance, so that higher is
+    better as for every proxy (a settled model moves little), and a model of the window ending at a step is the
+    model of that step, as the score proxies have it. Every group for the raw checkpoints, the total for the
+    averages (their groups would add rows that say the same)."""
+    weights = weights[(weights["method"] == RAW.name) | (weights["group"] == TOTAL)]
+    proxy = WEIGHTS_PROXY + " " + weights["group"] + " " + weights["method"] + weights["window"].astype(str)
+    return (weights.assign(proxy=proxy, value=-weights["relative_distance"])
+            .pivot_table(index=["run", "step"], columns="proxy", values="value"))
 
 
 def read_targets(path: Path) -> pd.Series:
@@ -117,10 +151,12 @@ def read_targets(path: Path) -> pd.Series:
 def final_stabilised_targets(plan: Plan, proxies: pd.DataFrame) -> pd.Series:
     """The stand-in target: each run's overall score at its last step with the largest window (avg, else
     vote, else raw), given to the run's earlier checkpoints."""
-    largest = max(plan.windows)
-    # the first configured method, in the registry's order, that covers every task
-    method = next((m for m in STABILISERS if m.name in plan.methods and not m.choice_only and largest > 1), RAW)
-    column = f"overall {method.name}{1 if method is RAW else largest}"
+    # the first configured method, in the registry's order, that covers every task, at its largest window (an
+    # averaging method may be computed for some windows only); every run has the same series, by ascending window,
+    # so the window kept for a method is its largest
+    windows = {method: window for method, window, _, _ in plan.series(next(iter(plan.runs)))}
+    method = next((m.name for m in plan.registry.stabilisers if m.name in windows and not m.choice_only), RAW.name)
+    column = f"overall {method}{windows.get(method, 1)}"
     targets = {}
     for run, steps in plan.runs.items():
         final = proxies[column].get((run, steps[-1]), math.nan)  # NaN: that model was excluded
@@ -257,11 +293,15 @@ def comparator_accuracy(values: np.ndarray, target: np.ndarray, repeats: int = 2
 # ---------------------------------------------------------------- the table
 
 
+PROXY_KINDS = {PERPLEXITY_PROXY: "perplexity", WEIGHTS_PROXY: "weights"}
+"""A proxy name's prefix -> its kind; a proxy without one of them is a task's or overall score."""
+
+
 def _describe(proxy: str) -> dict:
     name, series = proxy.rsplit(" ", 1)
     method = series.rstrip("0123456789")
-    return {"kind": "perplexity" if name == "1/PPL" else "score", "method": method,
-            "window": int(series[len(method):]), "task": "" if name == "1/PPL" else name}
+    kind = PROXY_KINDS.get(name.split(" ", 1)[0], "score")
+    return {"kind": kind, "method": method, "window": int(series[len(method):]), "task": name if kind == "score" else ""}
 
 
 def _accuracies(proxy: np.ndarray, target: np.ndarray, runs: np.ndarray) -> dict:
@@ -304,15 +344,18 @@ def indicators_table(proxies: pd.DataFrame, targets: pd.Series, repeats: int = 2
 
 
 def write_indicators(plan_path: Path, scores_path: Path, perplexity_dir: Path | None, targets_path: Path | None,
-                     output: Path) -> None:
+                     output: Path, weights_path: Path | None = None) -> None:
     """The indicators table (CSV, and Markdown beside it) of the workflow's plan and scores table: every
-    score proxy, the 1/PPL proxies where a perplexity directory is given, against the targets of
-    ``targets_path`` or, without it, each run's final stabilised score."""
+    score proxy, the 1/PPL proxies where a perplexity directory is given, the weight movement proxies where a
+    weights.csv is given, against the targets of ``targets_path`` or, without it, each run's final stabilised
+    score."""
     from ckpt_stability.stability import write_table
 
     plan = Plan.from_json(plan_path)
     proxies = score_proxies(pd.read_parquet(scores_path))
     if perplexity_dir is not None:
         proxies = proxies.join(perplexity_proxies(plan, perplexity_dir))
+    if weights_path is not None:
+        proxies = proxies.join(weight_proxies(read_weights(weights_path)))
     targets = read_targets(targets_path) if targets_path is not None else final_stabilised_targets(plan, proxies)
     write_table(indicators_table(proxies, targets), output)

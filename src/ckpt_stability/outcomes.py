@@ -19,6 +19,7 @@ import errno
 import json
 from pathlib import Path
 
+from ckpt_stability import layout
 from ckpt_stability.atomic import atomic_directory, write_text
 from ckpt_stability.errors import UnusableCheckpoint
 
@@ -79,10 +80,9 @@ def check_finite(model_dir: Path) -> None:
     tensor). Averages are skipped: averaging refuses a non-finite mean as it computes it."""
     import torch
 
-    from ckpt_stability.averaging import PROVENANCE_FILE
     from ckpt_stability.checkpoints import iter_tensors, weight_files
 
-    if (Path(model_dir) / PROVENANCE_FILE).is_file():
+    if (Path(model_dir) / layout.AVERAGING_PROVENANCE).is_file():
         return
     for path in weight_files(model_dir):
         for name, tensor in iter_tensors(path):

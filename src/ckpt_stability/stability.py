@@ -46,8 +46,10 @@ EXAMPLE_COLUMNS = ["instability", "example_mtv", "ever_flipped"]
 STABILITY_COLUMNS = ["mean_score", "final_score", "std", "mtv", "instability", "example_mtv", "ever_flipped",
                      "tv_i", "noise"]
 KEYS = ["run", "level", "name", "method", "window"]
-SEGMENT_COLUMNS = ["segment_start", "segment_end", "segment_steps", "excluded_steps"]
-"""the final segment, and its steps whose model was excluded (space-separated) and left out of the row"""
+SEGMENT_COLUMNS = ["segment_start", "segment_end", "segment_steps", "excluded_steps", "lag"]
+"""the final segment, its steps whose model was excluded (space-separated) and left out of the row, and the
+mean lag over the segment's steps: step - effective step (``Plan.effective_step``), how far back the method's
+models sit (0 for raw)"""
 
 
 # ---------------------------------------------------------------- scores
@@ -69,7 +71,9 @@ def gather_scores(plan: Plan, threads: int = 4) -> pd.DataFrame:
     frame["score"] = [p["score"] for p in provenances]
     frame["n_examples"] = [p["n_examples"] for p in provenances]
     frame[EXCLUDED_KEY] = [p.get(EXCLUDED_KEY) for p in provenances]
-    return frame
+    models = frame[["run", "method", "window", "step"]].drop_duplicates()
+    models["effective_step"] = [plan.effective_step(*model) for model in models.itertuples(index=False)]
+    return frame.merge(models, on=["run", "method", "window", "step"], how="left", validate="m:1")
 
 
 def category_means(scores: pd.DataFrame, category_of: dict[str, str], skipna: bool = False) -> pd.DataFrame:
@@ -182,13 +186,17 @@ def stability_table(plan: Plan, scores: pd.DataFrame, threads: int = 4) -> pd.Da
         pd.DataFrame([(run, step) for run in plan.runs for step in plan.segment(run)], columns=["run", "step"]))
     series = {key: group.sort_values("step")["score"].to_numpy()
               for key, group in segment_scores.groupby(["run", "method", "window", "task"])}
+    lags = {(run, method, window): float(np.mean([step - plan.effective_step(run, method, window, step)
+                                                  for step in plan.segment(run)]))
+            for run, method, window, *_ in jobs}
     per_task = []
     for (run, method, window, task, segment, healthy), example_row in zip(jobs, example_rows):
         per_task.append({"run": run, "level": "task", "name": task, "method": method, "window": window,
                          "category": plan.tasks[task].category, "metric": metric_of[task],
                          **series_metrics(series.get((run, method, window, task), np.zeros(0))), **example_row,
                          "segment_start": segment[0], "segment_end": segment[-1], "segment_steps": len(segment),
-                         "excluded_steps": " ".join(str(step) for step in segment if step not in healthy)})
+                         "excluded_steps": " ".join(str(step) for step in segment if step not in healthy),
+                         "lag": lags[run, method, window]})
     tasks_frame = pd.DataFrame(per_task)
 
     aggregated = []

@@ -30,7 +30,7 @@ from ckpt_stability.errors import InputError
 from ckpt_stability.instruction_data import read_instruction_data
 from ckpt_stability import layout
 from ckpt_stability.gpus import visible_gpus
-from ckpt_stability.methods import AVG, BY_NAME, ENSEMBLE, EVALUATE, RAW, STABILISERS, covered_tasks, produced_by
+from ckpt_stability.methods import AVG, ENSEMBLE, EVALUATE, RAW, registry
 from ckpt_stability.plan import Plan
 from ckpt_stability.metrics import DEFAULT_STOP
 
@@ -42,22 +42,33 @@ def config_error(key, message):
 
 
 def _validate_config():
-    """The config against the schema, and the methods against their registry."""
+    """The config against the schema, and the methods against their registry, which holds the configured averaging
+    methods. Returns the registry."""
     try:
         validate(config, "../schemas/config.schema.yaml")
     except WorkflowError as error:
         mistake = error.__context__  # the jsonschema ValidationError it was raised from
         key = mistake.json_path.removeprefix("$").removeprefix(".") or "top level"
         raise config_error(key, mistake.message) from None
+    for name, settings in config["averaging"].items():
+        try:
+            registry({name: settings})
+        except (InputError, ValueError) as error:
+            raise config_error(f"averaging.{name}", str(error)) from None
+        for n in settings.get("windows", []):
+            if n not in config["windows"]:
+                raise config_error(f"averaging.{name}.windows", f"{n} is not one of windows {config['windows']}")
+    methods = registry(config["averaging"])
     # the schema leaves the methods' names to their registry (src/ckpt_stability/methods.py)
-    names = [method.name for method in STABILISERS]
+    names = [method.name for method in methods.stabilisers]
     config.setdefault("methods", names)
     for name in config["methods"]:
         if name not in names:
             raise config_error("methods", f"{name!r} is not one of {names}")
+    return methods
 
 
-_validate_config()
+METHODS = _validate_config()
 
 DEMO_ROOT = "results/demo"
 # the demo's runs: checkpoints that a rule of this workflow writes
@@ -73,7 +84,7 @@ if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
 WINDOWS = sorted(set(config["windows"]) | {1})
 LARGEST_WINDOW = max(WINDOWS)
 TASKS = list(config["tasks"])
-ENSEMBLE_METHODS = [method.name for method in produced_by(ENSEMBLE) if method.name in config["methods"]]
+ENSEMBLE_METHODS = [method.name for method in METHODS.produced_by(ENSEMBLE) if method.name in config["methods"]]
 GPUS = visible_gpus()
 # Jobs run on this machine, not through a cluster's executor (which needs --jobs) nor as a job's own
 # Snakemake there
@@ -135,8 +146,12 @@ def _plan_finetuning():
     if not FINETUNE:
         return {}
     for n in FINETUNE["windows"]:
-        if n > 1 and (n not in WINDOWS or AVG.name not in config["methods"]):
-            needs = f"needs window {n} in windows and {AVG.name} in methods"
+        if n > 1 and (
+            n not in WINDOWS or AVG.name not in config["methods"] or n not in (METHODS[AVG.name].windows or [n])
+        ):
+            needs = (
+                f"needs window {n} in windows (and in averaging.{AVG.name}.windows if set) and {AVG.name} in methods"
+            )
             raise config_error("finetune.windows", f"{n}: fine-tuning an averaged model {needs}")
     try:
         return plan_finetuning({name: run.steps for name, run in RUNS.items()}, FINETUNE)
@@ -245,7 +260,7 @@ def model_dir(wildcards):
 def ensemble_outputs(method):
     """An ensemble method's prediction files, one per task it covers, as patterns of {run}, {n} and {step}."""
     modes = {name: task["mode"] for name, task in config["tasks"].items()}
-    return [layout.predictions(method=method, task=task) for task in covered_tasks(method, modes)]
+    return [layout.predictions(method=method, task=task) for task in METHODS.covered_tasks(method, modes)]
 
 
 def window_raw_predictions(wildcards):
@@ -272,6 +287,7 @@ PLAN = Plan(
     runs={name: run.steps for name, run in RUNS.items()},
     windows=WINDOWS,
     methods=config["methods"],
+    averaging=config["averaging"],
     tasks={name: {"category": task["category"], "mode": task["mode"]} for name, task in config["tasks"].items()},
     final_fraction=config["final_fraction"],
 )
@@ -353,14 +369,41 @@ def perplexity_files():
         layout.perplexity(run=name, method=method, n=n, step=step)
         for name in RUNS
         for method, n, steps, _ in PLAN.series(name)
-        if BY_NAME[method].produced_by == EVALUATE
+        if METHODS[method].produced_by == EVALUATE
         for step in steps
     ]
 
 
 def evaluated_methods():
     """The methods whose files rule evaluate writes, as a wildcard constraint."""
-    return "|".join(method.name for method in produced_by(EVALUATE))
+    return "|".join(map(re.escape, (method.name for method in METHODS.produced_by(EVALUATE))))
+
+
+def averaging_methods():
+    """The methods whose models rule average builds, as a wildcard constraint."""
+    return "|".join(map(re.escape, (method.name for method in METHODS.averaging)))
+
+
+def averaging_options(wildcards):
+    """The scheme of an averaging method as options of `ckpt-stability average`."""
+    scheme = METHODS[wildcards.method].scheme
+    options = f"--scheme {scheme.scheme}"
+    if scheme.shape is not None:
+        options += f" --shape {shlex.quote(scheme.shape)}"
+    if scheme.half_life is not None:
+        options += f" --half-life {scheme.half_life!r}"
+    return options
+
+
+def weight_distance_files():
+    """The weight distances that every average measures (rule average), which rule weights gathers."""
+    return [
+        layout.fill(layout.WEIGHT_DISTANCES, run=name, method=method, n=n, step=step)
+        for name in RUNS
+        for method, n, steps, _ in PLAN.series(name)
+        if METHODS[method].scheme is not None
+        for step in steps
+    ]
 
 
 def indicator_targets():
@@ -444,6 +487,7 @@ def final_targets():
         "results/tables/improvement.csv",
         "results/tables/pick.csv",
         "results/tables/indicators.csv",
+        layout.WEIGHTS,
         "results/report/report.html",
         *([layout.TARGETS] if FINETUNE else []),
         *(layout.fill(layout.EXPORT_RECEIPT, tracker=tracker) for tracker in EXPORT),

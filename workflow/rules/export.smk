@@ -10,6 +10,7 @@ localrules:
 
 rule export:
     input:
+        plan="results/plan.json",
         scores="results/scores.parquet",
         tables=["results/tables/stability.csv", "results/tables/improvement.csv", "results/tables/pick.csv"],
         report="results/report/report.html",
@@ -27,5 +28,5 @@ rule export:
         tables=lambda wildcards, input: os.path.dirname(input.tables[0]),
         options=export_options,
     shell:
-        "python -m ckpt_stability export {wildcards.tracker} --scores {input.scores:q} --tables {params.tables:q}"
+        "python -m ckpt_stability export {wildcards.tracker} --plan {input.plan:q} --scores {input.scores:q} --tables {params.tables:q}"
         " --report {input.report:q} {params.options} --receipt {output:q} > {log:q} 2>&1"

@@ -9,6 +9,8 @@ rule report:
         improvement="results/tables/improvement.csv",
         pick="results/tables/pick.csv",
         indicators="results/tables/indicators.csv",
+        # read beside the other tables (--tables); header only when no average measured the weights
+        weights=layout.WEIGHTS,
         settings="results/evaluation_settings.json",
         targets=layout.TARGETS if FINETUNE else [],
         # the example-level view reads the raw predictions of every step

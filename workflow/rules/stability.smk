@@ -1,5 +1,5 @@
-"""Reductions: results/scores.parquet, results/tables/{stability,improvement,excluded,pick}.{csv,md} and
-pick_checkpoints.parquet."""
+"""Reductions: results/scores.parquet, results/tables/{stability,improvement,excluded,pick}.{csv,md},
+pick_checkpoints.parquet and weights.csv."""
 
 
 localrules:
@@ -77,3 +77,17 @@ rule pick:
     shell:
         "python -m ckpt_stability pick --plan {input.plan:q} --scores {input.scores:q} --range {params.pick_range}"
         " --output {output.table:q} --checkpoints {output.checkpoints:q} > {log:q} 2>&1"
+
+
+rule weights:
+    input:
+        plan="results/plan.json",
+        distances=weight_distance_files(),
+    output:
+        layout.WEIGHTS,
+    log:
+        "logs/weights.log",
+    conda:
+        CPU_ENV
+    shell:
+        "python -m ckpt_stability weights --plan {input.plan:q} --output {output:q} > {log:q} 2>&1"

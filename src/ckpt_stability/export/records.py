@@ -24,8 +24,9 @@ import pandas as pd
 
 from ckpt_stability import layout
 from ckpt_stability.errors import InputError
-from ckpt_stability.methods import BY_NAME, EVALUATE
+from ckpt_stability.methods import EVALUATE
 from ckpt_stability.outcomes import EXCLUDED_KEY
+from ckpt_stability.plan import Plan
 from ckpt_stability.stability import category_means, overall_score
 
 PREFIX = "eval/"
@@ -109,6 +110,8 @@ class Results:
 
     scores: Path
     tables: Path
+    plan: Path
+    """results/plan.json: its methods (the configured averaging methods among them) and their order"""
     perplexity: Path | None = None
     """results/perplexity: each model's file is read where it is (perplexity is measured when configured)"""
     targets: Path | None = None
@@ -195,14 +198,15 @@ def read_tracker_runs(results: Results) -> list[TrackerRun]:
     if results.targets and results.targets.is_file():
         targets = _read(results.targets, _read_csv, keys | {"step", "target"}, "the fine-tuning stage's targets")
     report = results.report if results.report and results.report.is_file() else None
+    registry = Plan.from_json(results.plan).registry
     runs = []
-    order = {name: position for position, name in enumerate(BY_NAME)}
+    order = {name: position for position, name in enumerate(registry.names)}
     all_series = scores[SERIES_KEYS].drop_duplicates()
     all_series = all_series.sort_values(SERIES_KEYS, key=lambda c: c.map(order) if c.name == "method" else c)
     for run, method, window in all_series.itertuples(index=False):
         window = int(window)
         metrics = _score_metrics(_of_series(scores, run, method, window))
-        if results.perplexity and BY_NAME[method].produced_by == EVALUATE:
+        if results.perplexity and registry[method].produced_by == EVALUATE:
             metrics[PREFIX + PERPLEXITY] = [_perplexity(results.perplexity, run, method, window, int(step))
                                             for step in metrics.index]
         if targets is not None:

@@ -16,11 +16,14 @@ from matplotlib.figure import Figure as MplFigure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from ckpt_stability.methods import Method
 from ckpt_stability.plan import Plan
 from ckpt_stability.report.style import (DPI, EXCLUDED_STYLE, HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_COLORS,
-                                         INDICATOR_SCORE_PROXIES, METHODS, METHOD_COLORS, METHOD_LABELS, METHOD_STYLES,
-                                         RAW, SCORE_COLORS, SEGMENT_COLOR)
+                                         INDICATOR_PROXIES_PER_KIND, RAW, SCORE_COLORS, SEGMENT_COLOR,
+                                         WEIGHT_TOTAL_STYLE, series_windows, shown_methods)
 from ckpt_stability.report.inputs import RawTask, ScoreSeries
+from ckpt_stability.report.summary import SchemeWindow
+from ckpt_stability.weight_movement import GROUPS, TOTAL
 
 
 @dataclass
@@ -55,20 +58,23 @@ class FigureWriter:
 
 
 def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tuple[str, list[str]]]) -> MplFigure:
-    """Rows: tasks or task groups; columns: the stabilising methods, each window against raw."""
+    """Rows: tasks or task groups; columns: the stabilising methods, each of its windows against raw."""
     segment = plan.segment(run)
-    windows = sorted(w for w in plan.windows if w > 1)
-    columns = [m for m in METHODS[1:] if m in plan.methods and windows] or [RAW]
+    methods = shown_methods(plan)
+    raw_method = methods[0]
+    series_of = series_windows(plan, run)
+    columns = [method for method in methods[1:] if method.name in series_of] or [raw_method]
+    windows = sorted({window for method in columns for window in series_of[method.name] if window > 1})
     window_colors = dict(zip(windows, sns.color_palette("flare", len(windows))))
     figure = MplFigure(figsize=(1.2 + 3.6 * len(columns), 0.9 + 2.0 * len(rows)), layout="constrained")
     axes = figure.subplots(len(rows), len(columns), sharex=True, sharey="row", squeeze=False)
     for r, (label, tasks) in enumerate(rows):
         for c, method in enumerate(columns):
             ax = axes[r][c]
-            tasks_here = plan.covered_tasks(method, tasks)
+            tasks_here = plan.covered_tasks(method.name, tasks)
             ax.axvspan(segment[0], segment[-1], color=SEGMENT_COLOR, zorder=0)
             if r == 0:
-                ax.set_title(f"{method}: {METHOD_LABELS[method]}", fontsize=10)
+                ax.set_title(f"{method.name}: {method.label}", fontsize=10)
             if c == 0:
                 ax.set_ylabel(f"{label}\nscore", fontsize=9)
             if r == len(rows) - 1:
@@ -78,16 +84,16 @@ def trajectory_figure(plan: Plan, run: str, series: ScoreSeries, rows: list[tupl
                 ax.text(0.5, 0.5, "choice tasks only", ha="center", va="center", transform=ax.transAxes,
                         color="#777777")
                 continue
-            if method != RAW:
-                for window in windows:
-                    values = series.mean(method, window, tasks_here)
+            if method is not raw_method:
+                for window in series_of[method.name]:
+                    values = series.mean(method.name, window, tasks_here)
                     ax.plot(values.index, values.to_numpy(), color=window_colors[window], lw=2.0)
             # raw thin and on top, so that it stays visible where a window's line coincides with it
             raw = series.mean(RAW, 1, tasks_here)
-            ax.plot(raw.index, raw.to_numpy(), color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW])
+            ax.plot(raw.index, raw.to_numpy(), color=raw_method.color, **raw_method.style)
             for step in series.excluded_raw_steps:
                 ax.axvline(step, **EXCLUDED_STYLE)
-    handles = ([Line2D([], [], color=METHOD_COLORS[RAW], **METHOD_STYLES[RAW], label="raw (n = 1)")]
+    handles = ([Line2D([], [], color=raw_method.color, **raw_method.style, label="raw (n = 1)")]
                + [Line2D([], [], color=window_colors[w], lw=2.0, label=f"n = {w}") for w in windows]
                + [Patch(color=SEGMENT_COLOR, label="final segment")]
                + [Line2D([], [], label="excluded checkpoint", **EXCLUDED_STYLE)] * bool(series.excluded_raw_steps))
@@ -123,7 +129,7 @@ def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
     """MTV and instability against the window size, one line per method, one row per group. Each line
     starts at n = 1 from raw on the method's own tasks (a window of one is the raw checkpoint), as the
     improvement table gives it."""
-    methods = [m for m in METHODS[1:] if m in plan.methods]
+    methods = shown_methods(plan)[1:]
     windows = sorted(plan.windows)
     figure = MplFigure(figsize=(8.5, 0.9 + 2.2 * len(groups)), layout="constrained")
     axes = figure.subplots(len(groups), 2, squeeze=False)
@@ -134,12 +140,12 @@ def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
             ax = axes[r][c]
             top = 0.0
             for method in methods:
-                method_rows = rows[rows["method"] == method]
-                baseline = baselines.loc[baselines["method"] == method, f"{metric}_raw"]
-                if not plan.covered_tasks(method, tasks) or method_rows.empty or baseline.empty:
+                method_rows = rows[rows["method"] == method.name]
+                baseline = baselines.loc[baselines["method"] == method.name, f"{metric}_raw"]
+                if not plan.covered_tasks(method.name, tasks) or method_rows.empty or baseline.empty:
                     continue
                 values = [float(baseline.iloc[0]), *method_rows[metric]]
-                ax.plot([1, *method_rows["window"]], values, color=METHOD_COLORS[method], **METHOD_STYLES[method])
+                ax.plot([1, *method_rows["window"]], values, color=method.color, **method.style)
                 top = max(top, *values)
             ax.set_xscale("log", base=2)
             ax.set_xticks(windows, [str(w) for w in windows])
@@ -149,9 +155,90 @@ def window_figure(plan: Plan, table: pd.DataFrame, improvement: pd.DataFrame,
             ax.set_title(f"{name}: {'MTV' if metric == 'mtv' else 'instability'}", fontsize=10)
             if r == len(groups) - 1:
                 ax.set_xlabel("window n")
-    handles = [Line2D([], [], color=METHOD_COLORS[m], label=m, **METHOD_STYLES[m]) for m in methods]
+    handles = [Line2D([], [], color=m.color, label=m.name, **m.style) for m in methods]
     if handles:
         figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
+    return figure
+
+
+SCHEME_METRICS = {"mean_score": "mean score", "mtv": "MTV", "instability": "instability"}
+"""The scheme × window figure's panels: each against the lag."""
+
+
+def scheme_figure(rows: list[SchemeWindow], methods: list[Method]) -> MplFigure:
+    """Each method's overall mean score, MTV and instability against its lag behind the checkpoint, one point
+    per window (marked with n), joined in window order: what a scheme buys (lower MTV and instability) and
+    what it costs (lag)."""
+    figure = MplFigure(figsize=(10, 3.4), layout="constrained")
+    axes = figure.subplots(1, len(SCHEME_METRICS), sharex=True)
+    handles = []
+    for method in methods:
+        mine = [row for row in rows if row.method == method.name]
+        if not mine:
+            continue
+        style = {"marker": "*", "ms": 9, **method.style}  # raw is a single point: a marker, or it is not drawn
+        for ax, metric in zip(axes, SCHEME_METRICS):
+            values = [getattr(row, metric) for row in mine]
+            ax.plot([row.lag for row in mine], values, color=method.color, **style)
+            for row, value in zip(mine, values):
+                if row.window > 1:
+                    ax.annotate(str(row.window), (row.lag, value), xytext=(3, 3), textcoords="offset points",
+                                fontsize=7, color=method.color)
+        handles.append(Line2D([], [], color=method.color, **style,
+                              label=method.name + " (choice tasks)" * mine[0].choice_only))
+    for ax, title in zip(axes, SCHEME_METRICS.values()):
+        ax.set_title(f"overall {title}", fontsize=10)
+        ax.set_xlabel("lag (steps behind the checkpoint)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    figure.legend(handles=handles, loc="outside upper center", ncol=len(handles), fontsize=9, frameon=False)
+    return figure
+
+
+def weights_figure(weights: pd.DataFrame, steps: list[int], segment: list[int], excluded_steps: list[int],
+                   methods: list[Method]) -> MplFigure:
+    """How far the weights move, on the step axis of the score trajectories (``steps``: the run's): each raw
+    checkpoint's relative distance to the previous one, the whole model bold and each parameter group faint;
+    below it, the mean relative distance of a window's members to their average (the whole model), per averaging
+    method (``methods``: those shown, for their colours) and window."""
+    raw = weights[weights["method"] == RAW]
+    spread = weights[(weights["method"] != RAW) & (weights["group"] == TOTAL)]
+    panels = [(rows, title) for rows, title in (
+        (raw, "relative distance to the previous checkpoint"),
+        (spread, "mean relative distance of a window's checkpoints to their average")) if len(rows)]
+    figure = MplFigure(figsize=(9, 0.8 + 2.4 * len(panels)), layout="constrained")
+    axes = figure.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    group_colors = dict(zip(GROUPS, sns.color_palette("tab10", len(GROUPS))))
+    for ax, (rows, title) in zip(axes, panels):
+        ax.axvspan(segment[0], segment[-1], color=SEGMENT_COLOR, zorder=0)
+        for step in excluded_steps:
+            ax.axvline(step, **EXCLUDED_STYLE)
+        ax.set_title(title, fontsize=10)
+        ax.tick_params(labelsize=8)
+        if (rows["relative_distance"] > 0).all():  # distances shrink by orders of magnitude as training settles
+            ax.set_yscale("log")
+    if len(raw):
+        ax = axes[0]
+        for group, color in group_colors.items():
+            rows = raw[raw["group"] == group].sort_values("step")
+            if rows.empty:  # a model without tensors of this group
+                continue
+            ax.plot(rows["step"], rows["relative_distance"], color=color, lw=1.0, alpha=0.55, label=group)
+        total = raw[raw["group"] == TOTAL].sort_values("step")
+        ax.plot(total["step"], total["relative_distance"], **WEIGHT_TOTAL_STYLE, label="whole model")
+        ax.legend(fontsize=7, ncols=4, frameon=False)
+    if len(spread):
+        ax = axes[-1]
+        for method in methods:
+            windows = sorted(set(spread.loc[spread["method"] == method.name, "window"]))
+            for window, shade in zip(windows, sns.light_palette(method.color, len(windows) + 2)[2:]):
+                rows = spread[(spread["method"] == method.name) & (spread["window"] == window)].sort_values("step")
+                # the method's dashes keep methods of equal spread apart where their lines overlap
+                ax.plot(rows["step"], rows["relative_distance"], color=shade, lw=1.6, ls=method.style.get("ls", "-"),
+                        label=variant_label(method.name, window))
+        ax.legend(fontsize=7, ncols=4, frameon=False)
+    margin = 0.05 * (steps[-1] - steps[0])  # matplotlib's default margins around the trajectories' steps
+    axes[-1].set_xlim(steps[0] - margin, steps[-1] + margin)
+    axes[-1].set_xlabel("step")
     return figure
 
 
@@ -159,15 +246,16 @@ def variant_label(method: str, window: int) -> str:
     return RAW if method == RAW else f"{method} n={window}"
 
 
-def flips_figure(table: pd.DataFrame, tasks: list[str]) -> MplFigure:
-    """The share of examples that ever flip in the final segment, per task and method/window."""
+def flips_figure(table: pd.DataFrame, tasks: list[str], methods: list[Method]) -> MplFigure:
+    """The share of examples that ever flip in the final segment, per task and method/window (``methods``:
+    those shown, in order)."""
     rows = table[table["level"] == "task"]
-    variants = sorted(set(zip(rows["method"], rows["window"])), key=lambda v: (METHODS.index(v[0]), v[1]))
+    variants = set(zip(rows["method"], rows["window"]))
     palette = {}
-    for method in METHODS:
-        windows = [w for m, w in variants if m == method]
-        shades = sns.light_palette(METHOD_COLORS[method], len(windows) + 2)[2:]
-        palette.update({variant_label(method, w): shade for w, shade in zip(windows, shades)})
+    for method in methods:
+        windows = sorted(w for m, w in variants if m == method.name)
+        shades = sns.light_palette(method.color, len(windows) + 2)[2:]
+        palette.update({variant_label(method.name, w): shade for w, shade in zip(windows, shades)})
     data = rows.assign(variant=[variant_label(m, w) for m, w in zip(rows["method"], rows["window"])])
     figure = MplFigure(figsize=(min(14.0, max(6.0, 1.5 + 0.12 * len(tasks) * len(variants))), 3.6),
                        layout="constrained")
@@ -185,8 +273,8 @@ def flips_figure(table: pd.DataFrame, tasks: list[str]) -> MplFigure:
 
 
 def indicators_figure(table: pd.DataFrame) -> MplFigure:
-    """Pairwise accuracy of the proxies: the best score proxies, every 1/PPL proxy and the comparator."""
-    rows = pd.concat([table[table["kind"] == "score"].head(INDICATOR_SCORE_PROXIES), table[table["kind"] != "score"]])
+    """Pairwise accuracy of the proxies: the best of each kind (score, 1/PPL, weight movement) and the comparator."""
+    rows = table.groupby("kind", sort=False).head(INDICATOR_PROXIES_PER_KIND)  # the table is sorted by accuracy
     rows = rows.dropna(subset=["pairwise_accuracy"]).sort_values("pairwise_accuracy", ascending=False)
     figure = MplFigure(figsize=(7.5, 1.0 + 0.26 * len(rows)), layout="constrained")
     ax = figure.subplots()

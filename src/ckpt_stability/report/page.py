@@ -15,15 +15,18 @@ from ckpt_stability.atomic import atomic_directory, write_text
 from ckpt_stability.errors import InputError
 from ckpt_stability.plan import Plan
 from ckpt_stability.stability import excluded_models
-from ckpt_stability.report.style import (HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_SCORE_PROXIES, METHODS,
-                                         METHOD_LABELS, RAW)
+from ckpt_stability.layout import WEIGHTS
+from ckpt_stability.report.style import (HEATMAP_EXAMPLES, HEATMAP_STEPS, INDICATOR_PROXIES_PER_KIND, RAW,
+                                         shown_methods)
 from ckpt_stability.report.inputs import RawTask, ScoreSeries, read_raw, read_csv_table
-from ckpt_stability.indicators import score_proxies
+from ckpt_stability.indicators import PERPLEXITY_PROXY, WEIGHTS_PROXY, read_weights, score_proxies
 from ckpt_stability.report.figures import (FigureWriter, example_heatmap, flips_figure, indicators_figure,
-                                           key_proxies_figure, pick_figure, safe_name, targets_figure,
-                                           trajectory_figure, variant_label, window_figure)
-from ckpt_stability.report.tables import STABILITY_SHOWN, INDICATOR_COLUMNS, IMPROVEMENT_SHOWN, table_cell, html_table
-from ckpt_stability.report.summary import pick_answer, summarise
+                                           key_proxies_figure, pick_figure, safe_name, scheme_figure, targets_figure,
+                                           trajectory_figure, variant_label, weights_figure, window_figure)
+from ckpt_stability.report.tables import (STABILITY_SHOWN, INDICATOR_COLUMNS, IMPROVEMENT_SHOWN, cells, html_table,
+                                          scheme_table)
+from ckpt_stability.weight_movement import COLUMNS as WEIGHT_COLUMNS, TOTAL
+from ckpt_stability.report.summary import pick_answer, scheme_windows, summarise
 from ckpt_stability.report.provenance import settings_section
 
 
@@ -36,7 +39,9 @@ class Pick:
 
 
 def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFrame, improvement: pd.DataFrame,
-                pick: Pick, raw: dict[str, RawTask], figures: FigureWriter) -> dict:
+                pick: Pick, weights: pd.DataFrame, raw: dict[str, RawTask], figures: FigureWriter) -> dict:
+    methods = shown_methods(plan)
+    method_order = [method.name for method in methods]
     table = stability[stability["run"] == run]
     series = ScoreSeries(scores, run)
     tasks = list(plan.tasks)
@@ -57,13 +62,29 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
                      "The mean of the tasks' scores. In the prob column, raw is averaged over the same (choice) tasks "
                      "as prob, so the lines are comparable."),
     ]
+    weights = weights[weights["run"] == run]
+    if len(weights):  # measured by the averages: none without an averaging method
+        trajectories.append(figures.save(
+            weights_figure(weights, plan.runs[run], segment, series.excluded_raw_steps, methods),
+            f"{directory}/weights", "How far the weights move",
+            "On the step axis of the scores: each checkpoint's relative distance to the previous one, "
+            "‖θ_step − θ_previous‖ / ‖θ_previous‖, over the whole model (dark) and per parameter group (faint); "
+            "below it, the mean relative distance of a window's checkpoints to their average, per averaging "
+            "method and window (results/tables/weights.csv)."))
     improvement = improvement[improvement["run"] == run]
     by_window = figures.save(
         window_figure(plan, table, improvement, groups), f"{directory}/stability_by_window",
         "MTV and instability against the window size",
         "Lower is steadier. Every line starts at n = 1 from the raw checkpoints on the method's own tasks "
         "(a window of one checkpoint is the raw checkpoint).")
-    flips = figures.save(flips_figure(table, tasks), f"{directory}/ever_flipped",
+    schemes = scheme_windows(plan, run, table)
+    scheme_plot = figures.save(
+        scheme_figure(schemes, methods), f"{directory}/schemes", "What each method and window buys, and its lag",
+        "Over all tasks, on the final segment: each method's mean score, MTV and instability against its lag, the "
+        "mean of step − effective step (Σ c_j s_j of the window's checkpoints with the scheme's coefficients c_j); "
+        "one point per window, marked with n. Raw is the star at lag 0. Lower MTV and instability for less lag is "
+        "the better trade.")
+    flips = figures.save(flips_figure(table, tasks, methods), f"{directory}/ever_flipped",
                          "Share of examples whose score ever changes in the final segment",
                          "Per task, for the raw checkpoints and every method and window.")
     heatmaps, flip_stats = [], []
@@ -93,25 +114,27 @@ def run_section(plan: Plan, run: str, scores: pd.DataFrame, stability: pd.DataFr
         "excluded": excluded_models(scores[scores["run"] == run]).to_dict("records"),
         "trajectories": trajectories,
         "by_window": by_window,
+        "schemes": {"table": scheme_table(schemes), "figure": scheme_plot},
         "flips": flips,
         "heatmaps": heatmaps,
         "flip_stats": flip_stats,
         "heatmap_steps": HEATMAP_STEPS,
         "heatmap_examples": HEATMAP_EXAMPLES,
-        "stability_groups": html_table(table[table["level"] != "task"], STABILITY_SHOWN),
-        "stability_tasks": html_table(table[table["level"] == "task"], STABILITY_SHOWN),
-        "improvement_groups": html_table(improvement[improvement["level"] != "task"], IMPROVEMENT_SHOWN),
-        "improvement_tasks": html_table(improvement[improvement["level"] == "task"], IMPROVEMENT_SHOWN),
+        "stability_groups": html_table(table[table["level"] != "task"], STABILITY_SHOWN, method_order),
+        "stability_tasks": html_table(table[table["level"] == "task"], STABILITY_SHOWN, method_order),
+        "improvement_groups": html_table(improvement[improvement["level"] != "task"], IMPROVEMENT_SHOWN, method_order),
+        "improvement_tasks": html_table(improvement[improvement["level"] == "task"], IMPROVEMENT_SHOWN, method_order),
     }
 
 
 def key_proxies(table: pd.DataFrame) -> pd.DataFrame:
-    """The proxies of Zeng et al.'s question: the raw checkpoint's 1/PPL and overall score, the best
-    stabilised overall score, and the learned comparator (those the table has)."""
+    """The proxies of Zeng et al.'s question: the raw checkpoint's 1/PPL, weight movement and overall score, the
+    best stabilised overall score, and the learned comparator (those the table has)."""
     overall = table[(table["kind"] == "score") & (table["task"] == "overall")].dropna(subset=["pairwise_accuracy"])
     stabilised = overall[overall["method"] != RAW].head(1)
-    chosen = [table[table["proxy"] == f"1/PPL {RAW}1"], overall[overall["method"] == RAW], stabilised,
-              table[table["kind"] == "comparator"]]
+    chosen = [table[table["proxy"] == f"{PERPLEXITY_PROXY} {RAW}1"],
+              table[table["proxy"] == f"{WEIGHTS_PROXY} {TOTAL} {RAW}1"], overall[overall["method"] == RAW],
+              stabilised, table[table["kind"] == "comparator"]]
     return pd.concat(chosen).dropna(subset=["pairwise_accuracy"])
 
 
@@ -133,12 +156,10 @@ def indicators_section(table: pd.DataFrame, figures: FigureWriter, scores: pd.Da
         "key": [row._asdict() for row in key.itertuples(index=False)],
         "figures": [figures.save(indicators_figure(table), "indicators/pairwise_accuracy",
                                  "Pairwise accuracy of the proxies",
-                                 f"The {INDICATOR_SCORE_PROXIES} best score proxies, every 1/PPL proxy and the "
-                                 f"learned comparator (its bar: the mean over random splits of the models, with "
-                                 f"their standard deviation). Chance is 0.5.")],
-        "table": {"columns": INDICATOR_COLUMNS,
-                  "rows": [[table_cell(column, value) for column, value in zip(INDICATOR_COLUMNS, row)]
-                           for row in table[INDICATOR_COLUMNS].itertuples(index=False)]},
+                                 f"The {INDICATOR_PROXIES_PER_KIND} best proxies of each kind (scores, 1/PPL, "
+                                 f"weight movement) and the learned comparator (its bar: the mean over random "
+                                 f"splits of the models, with their standard deviation). Chance is 0.5.")],
+        "table": cells(table, INDICATOR_COLUMNS),
     }
     if len(key):
         section["figures"].append(figures.save(
@@ -169,12 +190,16 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
                  targets: Path | None = None) -> None:
     """Write ``output`` (the HTML page) and its figures under ``figures/`` beside it; the indicators
     section when ``tables`` holds indicators.csv, with the fine-tuning outcomes of ``targets`` (the
-    fine-tuning stage's targets.csv) when given."""
+    fine-tuning stage's targets.csv) when given; the weight movement where ``tables`` holds weights.csv
+    with rows."""
     plan = Plan.from_json(plan)
     scores_frame = pd.read_parquet(scores)
     stability = read_csv_table(tables / "stability.csv")
     improvement = read_csv_table(tables / "improvement.csv")
     pick = Pick(read_csv_table(tables / "pick.csv"), pd.read_parquet(tables / "pick_checkpoints.parquet"))
+    # the workflow writes weights.csv beside the other tables, header only when nothing measured the weights
+    weights_path = tables / Path(WEIGHTS).name
+    weights = read_weights(weights_path) if weights_path.is_file() else pd.DataFrame(columns=WEIGHT_COLUMNS)
     try:
         settings_data = json.loads(Path(settings).read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -183,7 +208,7 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
     with (sns.axes_style("whitegrid"), sns.plotting_context("paper"),
           atomic_directory(output.parent / "figures") as directory):
         writer = FigureWriter(directory, "figures")
-        runs = [run_section(plan, run, scores_frame, stability, improvement, pick, raw[run], writer)
+        runs = [run_section(plan, run, scores_frame, stability, improvement, pick, weights, raw[run], writer)
                 for run in plan.runs]
         indicators = (indicators_section(pd.read_csv(tables / "indicators.csv", dtype={"task": str, "target": str}),
                                          writer, scores_frame, read_csv_table(targets) if targets else None)
@@ -191,5 +216,6 @@ def build_report(plan: Path, scores: Path, tables: Path, settings: Path, output:
     settings_view, warnings = settings_section(plan, settings_data, raw)
     page = template_environment().get_template("report.html.j2").render(
         runs=runs, indicators=indicators, settings=settings_view, warnings=warnings, tasks=list(plan.tasks),
-        methods=[m for m in METHODS if m == RAW or m in plan.methods], method_labels=METHOD_LABELS, raw_method=RAW)
+        methods=[m.name for m in shown_methods(plan)], method_labels={m.name: m.label for m in plan.registry.methods},
+        raw_method=RAW)
     write_text(output, page)

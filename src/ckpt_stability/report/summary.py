@@ -1,13 +1,17 @@
 """The summary at the top of each run's section: every method and window against raw, the steadiest of
-them, and each method's best checkpoint."""
+them, and each method's best checkpoint; and the scheme × window view, what each method and window buys in
+steadiness and what it costs in lag."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
+from ckpt_stability.errors import InputError
 from ckpt_stability.plan import Plan
-from ckpt_stability.report.style import RAW, METHODS, METHOD_LABELS
+from ckpt_stability.report.style import RAW, series_windows
 from ckpt_stability.report.inputs import ScoreSeries
 
 
@@ -36,10 +40,9 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame, im
         steadiest = None
 
     methods = []
-    for method in [m for m in METHODS if m == RAW or m in plan.methods]:
+    for method, windows in series_windows(plan, run).items():
         tasks = plan.covered_tasks(method)
-        windows = [1] if method == RAW else sorted(w for w in plan.windows if w > 1)
-        if not tasks or not windows:
+        if not tasks:
             continue
         best = None
         for window in windows:
@@ -47,7 +50,8 @@ def summarise(plan: Plan, run: str, series: ScoreSeries, table: pd.DataFrame, im
             if best is None or values.max() > best["score"]:
                 best = {"step": int(values.idxmax()), "window": window, "score": float(values.max())}
         mine = [v for v in variants if v["method"] == method]
-        methods.append({"method": method, "label": METHOD_LABELS[method], "choice_only": len(tasks) < len(plan.tasks),
+        methods.append({"method": method, "label": plan.registry[method].label,
+                        "choice_only": len(tasks) < len(plan.tasks),
                         "best": best, "steadiest": min(mine, key=steadiness, default=None)})
     raw_overall = overall.loc[(RAW, 1)]
     return {"variants": variants, "steadiest": steadiest, "methods": methods, "segment": plan.segment(run),
@@ -64,3 +68,44 @@ def pick_answer(pick: pd.DataFrame, run: str, steadiest: dict | None) -> list[di
                                                                      and steadiest["choice_only"]),
              **overall.loc[(method, window)].to_dict()}
             for method, window in variants if (method, window) in overall.index]
+
+
+@dataclass(frozen=True)
+class SchemeWindow:
+    """One method at one window, over all tasks (``overall``, on the final segment): what it buys, a steadier
+    score, and what it costs, its lag behind the checkpoint it is reported at."""
+
+    method: str
+    scheme: str
+    """how it combines the window's checkpoints: the averaging scheme, or the ensemble's label"""
+    window: int
+    choice_only: bool
+    """the method scores the choice tasks only (prob), so its values are over those"""
+    mean_score: float
+    mtv: float
+    instability: float
+    lag: float
+    """the mean over the final segment of step − effective step (Σ c_j s_j of the window's members)"""
+
+
+SCHEME_COLUMNS = ["method", "scheme", "window", "tasks", "mean_score", "mtv", "instability", "lag"]
+"""The scheme × window table's columns in the report."""
+
+
+def scheme_windows(plan: Plan, run: str, table: pd.DataFrame) -> list[SchemeWindow]:
+    """Raw, then every stabilising method at each of its windows, in the registry's order, from the run's
+    ``overall`` rows of the stability table."""
+    if "lag" not in table.columns:
+        raise InputError("stability.csv has no lag column: it was written by an older version, run its rule again")
+    overall = table[table["level"] == "overall"].set_index(["method", "window"])
+    rows = []
+    for name, windows in series_windows(plan, run).items():
+        method = plan.registry[name]
+        for window in windows:
+            if (name, window) not in overall.index:  # a method without a task of its mode (prob) has no row
+                continue
+            row = overall.loc[(name, window)]
+            rows.append(SchemeWindow(name, method.scheme.description if method.scheme else method.label, window,
+                                     len(plan.covered_tasks(name)) < len(plan.tasks), float(row["mean_score"]),
+                                     float(row["mtv"]), float(row["instability"]), float(row["lag"])))
+    return rows

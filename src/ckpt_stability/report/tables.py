@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 
 from ckpt_stability.stability import IMPROVEMENT_COLUMNS, KEYS, STABILITY_COLUMNS
-from ckpt_stability.report.style import METHODS
+from ckpt_stability.report.summary import SCHEME_COLUMNS, SchemeWindow
 
 STABILITY_SHOWN = [*KEYS[1:], *STABILITY_COLUMNS, "excluded_steps"]
 """the stability table's columns in the report (the run is that of its section)"""
@@ -30,11 +32,26 @@ def table_cell(column: str, value) -> dict:
     return {"text": str(value), "value": str(value), "class": ""}
 
 
-def html_table(frame: pd.DataFrame, columns: list[str]) -> dict:
-    order = {"overall": 0, "category": 1, "task": 2}
-    frame = frame.sort_values(["level", "name", "method", "window"],
-                              key=lambda col: col.map(order) if col.name == "level" else
-                              col.map(METHODS.index) if col.name == "method" else col)
+def cells(frame: pd.DataFrame, columns: list[str]) -> dict:
+    """``columns`` of ``frame``, in its row order, as the page's sortable table."""
     return {"columns": columns,
             "rows": [[table_cell(column, value) for column, value in zip(columns, row)]
                      for row in frame[columns].itertuples(index=False)]}
+
+
+def html_table(frame: pd.DataFrame, columns: list[str], method_order: list[str]) -> dict:
+    """A stability or improvement table: overall rows first, then categories, then tasks; within a group the
+    methods in ``method_order`` (the registry's), each by window."""
+    order = {"overall": 0, "category": 1, "task": 2}
+    frame = frame.sort_values(["level", "name", "method", "window"],
+                              key=lambda col: col.map(order) if col.name == "level" else
+                              col.map(method_order.index) if col.name == "method" else col)
+    return cells(frame, columns)
+
+
+def scheme_table(rows: list[SchemeWindow]) -> dict:
+    """The scheme × window view as a sortable table, in the order of ``rows``."""
+    frame = pd.DataFrame([dataclasses.asdict(row) for row in rows],
+                         columns=[field.name for field in dataclasses.fields(SchemeWindow)])
+    frame["tasks"] = np.where(frame["choice_only"], "choice only", "all")
+    return cells(frame, SCHEME_COLUMNS)
