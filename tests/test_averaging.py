@@ -415,14 +415,16 @@ def cli_command(members: list[Path], output: Path) -> list[str]:
             *map(str, members)]
 
 
-def test_peak_memory_is_a_few_chunks_not_the_model(large_pair, tmp_path):
+@pytest.mark.parametrize("options", [[], ["--scheme", "ema", "--half-life", "1", "--steps", "1", "2", "--diagnostics",
+                                          "distances.json"]], ids=["uniform", "weighted, with the weight distances"])
+def test_peak_memory_is_a_few_chunks_not_the_model(large_pair, tmp_path, options):
     # VmHWM is the peak RSS of this process image only (not of the pytest process that forked it)
     script = ("import sys; from ckpt_stability.cli import main; code = main(sys.argv[1:]); "
               "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]); "
               "sys.exit(code)")
     out = tmp_path / "avg"
-    done = subprocess.run([sys.executable, "-c", script, *cli_command(large_pair, out)[1:]],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run([sys.executable, "-c", script, *cli_command(large_pair, out)[1:], *options],
+                          capture_output=True, text=True, check=True, cwd=tmp_path)
     peak_mib = int(done.stdout.split()[-1]) / 1024
     assert peak_mib < 150, done.stdout
     written, member = (read_header(path / "model.safetensors").tensors for path in (out, large_pair[0]))

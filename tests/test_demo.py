@@ -62,9 +62,10 @@ def test_default_config_dry_run_shows_training_and_per_checkpoint_jobs(tmp_path)
         parts = line.split()
         if len(parts) == 2 and parts[1].isdigit():
             counts[parts[0]] = int(parts[1])
-    # two runs of 30 checkpoints, windows 1, 2, 4, 8: 30 raw + (29 + 27 + 23) averaged models each
+    # two runs of 30 checkpoints, windows 1, 2, 4, 8: 30 raw + (29 + 27 + 23) averaged models each (avg), and wsm's
+    # 27 of window 4
     assert counts["demo_data"] == 1 and counts["demo_pretrain"] == 2
-    assert counts["evaluate"] == 2 * (30 + 29 + 27 + 23)
-    assert counts["average"] == counts["ensemble"] == 2 * (29 + 27 + 23)
+    assert counts["evaluate"] == 2 * (30 + 29 + 27 + 23 + 27)
+    assert counts["average"] == 2 * (29 + 27 + 23 + 27) and counts["ensemble"] == 2 * (29 + 27 + 23)
     # the fine-tuning stage: the steps that are multiples of 48, every third checkpoint, of both runs
     assert counts["finetune"] == counts["evaluate_finetuned"] == 2 * 10 and counts["targets"] == 1

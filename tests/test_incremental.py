@@ -51,7 +51,8 @@ def finished_run(tiny_demo, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("incremental")
     shutil.copytree(tiny_demo / "checkpoints", workdir / "checkpoints")
     for step, source in [(50, 20), (60, 30)]:
-        shutil.copytree(tiny_demo / "checkpoints" / f"checkpoint-{source}", workdir / "checkpoints" / f"checkpoint-{step}")
+        shutil.copytree(tiny_demo / "checkpoints" / f"checkpoint-{source}",
+                        workdir / "checkpoints" / f"checkpoint-{step}")
     config = small_config(workdir / "checkpoints", tiny_demo / "tasks")
     del config["tasks"]["demo_arith"]  # two tasks show it all; the generated one is the slowest
     config.update(windows=[1, *WINDOWS], averaging=AVERAGING, methods=[*AVERAGING, "vote", "prob"])
@@ -102,6 +103,12 @@ def test_every_scheme_reaches_the_tables_the_weights_and_the_report(finished_run
         raw.set_index("step").loc[30, "relative_distance"] > 0
     averaged = total[total["method"] != "raw"]
     assert set(zip(averaged["method"], averaged["window"])) == {(m, n) for m in AVERAGING for n in WINDOWS}
+
+    indicators = pd.read_csv(finished_run / "results/tables/indicators.csv").set_index("proxy")
+    for method in AVERAGING:
+        for n in WINDOWS:
+            assert {f"overall {method}{n}", f"-Δθ/θ total {method}{n}"} <= set(indicators.index)
+    assert indicators.loc["-Δθ/θ total raw1", "kind"] == "weights"
 
     report = (finished_run / "results/report/report.html").read_text()
     for method, settings in AVERAGING.items():

@@ -75,7 +75,8 @@ def test_the_plan_series_are_the_registrys_methods_in_order_on_the_tasks_they_co
     for method, window, steps, tasks in series:
         assert steps == [10, 20, 30, 40][window - 1:]
         assert tasks == [name for name, task in TASKS.items() if METHODS[method].covers(task["mode"])]
-    assert plan.coefficients("r", "ema", 3, 40) == ([20, 30, 40], Scheme("ema", half_life=50).coefficients([20, 30, 40]))
+    ema = Scheme("ema", half_life=50)
+    assert plan.coefficients("r", "ema", 3, 40) == ([20, 30, 40], ema.coefficients([20, 30, 40]))
     assert plan.coefficients("r", "vote", 2, 30) == ([20, 30], [0.5, 0.5])
     assert plan.effective_step("r", "raw", 1, 30) == 30 and plan.effective_step("r", "avg", 3, 40) == 30
 

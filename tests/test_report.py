@@ -185,13 +185,15 @@ def test_the_weights_figure_draws_weights_csv():
 
     weights = hand_made_weights()
     plan = Plan(runs=RUNS, windows=[1, 2, 3], methods=["avg", "wsm"], tasks=TASKS, averaging=AVERAGING)
-    figure = weights_figure(weights, RUNS["main"], plan.segment("main"), [], [plan.registry["avg"], plan.registry["wsm"]])
+    averaging = [plan.registry["avg"], plan.registry["wsm"]]
+    figure = weights_figure(weights, RUNS["main"], plan.segment("main"), [], averaging)
     movement, spread = figure.axes
     lines = {line.get_label(): line for line in movement.get_lines()}
     assert set(lines) == {"whole model", "attention", "mlp"}  # groups without rows are not drawn
     for label, group in (("whole model", "total"), ("attention", "attention"), ("mlp", "mlp")):
         assert lines[label].get_xdata().tolist() == RUNS["main"][1:]
-        assert lines[label].get_ydata() == pytest.approx([WEIGHT_GROUPS[group] * 20 / step for step in RUNS["main"][1:]])
+        expected = [WEIGHT_GROUPS[group] * 20 / step for step in RUNS["main"][1:]]
+        assert lines[label].get_ydata() == pytest.approx(expected)
     assert movement.get_yscale() == "log"
     lines = {line.get_label(): line for line in spread.get_lines()}
     assert set(lines) == {"avg n=2", "avg n=3", "wsm n=3"}

@@ -90,7 +90,8 @@ def test_every_job_went_through_sbatch(slurm_run):
     comments = sorted(comment for _, comment in jobs.values())
     assert comments == sorted(["rule_average_and_evaluate_evaluate"] * 4
                               + ["rule_average_and_evaluate_average_evaluate"] * 3
-                              + ["rule_scores", "rule_stability", "rule_pick", "rule_indicators", "rule_report"])
+                              + ["rule_scores", "rule_stability", "rule_pick", "rule_weights", "rule_indicators",
+                                 "rule_report"])
 
 
 def test_the_results_equal_a_local_run(slurm_run, local_run):

@@ -163,6 +163,16 @@ def test_a_diverged_checkpoint_leaves_the_others_their_results(diverged_run):
     assert healthy.score.notna().all() and len(healthy) == len(scores) - len(excluded)
 
 
+def test_the_diverged_checkpoint_has_no_weight_distance_and_takes_none_from_the_others(diverged_run):
+    """Windows of 2: the pairs (30, 40) and (40, 50) are only in the averages that hold step 40, which are not built;
+    every other pair and average has its distances."""
+    workdir, _ = diverged_run
+    weights = pd.read_csv(workdir / "results" / "tables" / "weights.csv")
+    total = weights[weights.group == "total"]
+    assert set(zip(total.method, total.step)) == {(method, step) for method in ("raw", "avg") for step in (20, 30, 60)}
+    assert total.relative_distance.gt(0).all() and weights.relative_distance.notna().all()
+
+
 def test_the_tables_cover_the_healthy_steps_and_say_which_were_excluded(diverged_run):
     workdir, _ = diverged_run
     tables = workdir / "results" / "tables"

@@ -61,7 +61,7 @@ def test_outputs_follow_the_contract(finished_run):
 def test_scores_and_tables(finished_run):
     scores = pd.read_parquet(finished_run / "results" / "scores.parquet")
     assert list(scores.columns) == ["run", "task", "category", "method", "window", "step", "metric", "score",
-                                    "n_examples", "excluded"]
+                                    "n_examples", "excluded", "effective_step"]
     assert set(zip(scores.task, scores.metric)) == {("demo_colors", "exact_match"), ("demo_arith", "exact_match"),
                                                     ("jnli", "exact_match")}
     # raw: 4 steps x 3 tasks; avg and vote: 3 steps x 3 tasks; prob: 3 steps x 2 choice tasks

@@ -219,8 +219,8 @@ def average_checkpoints(members: list[Path], output: Path, *, scheme: Scheme = S
     """Write the mean of ``members`` (checkpoint directories, oldest first) weighted by ``scheme`` to ``output``.
 
     ``steps``: the members' steps, which a scheme other than uniform needs, recorded in averaging.json.
-    ``diagnostics``: a file to write the weight distances to (``weight_movement``). ``dtype``: None keeps each tensor's dtype, or "float32", "bfloat16", "float16" for every
-    floating-point tensor. ``threads``:
+    ``diagnostics``: a file to write the weight distances to (``weight_movement``). ``dtype``: None keeps each
+    tensor's dtype, or "float32", "bfloat16", "float16" for every floating-point tensor. ``threads``:
     default, the CPUs this process may run on (at most ``MAX_THREADS``). ``assets``: the directory whose
     config.json and tokenizer go with the weights, for members that hold weights only (torch.distributed
     checkpoints, whose tensor names must be that model's: the workflow checks them when it starts, and
@@ -737,7 +737,8 @@ def _write_provenance(path: Path, members: list[Path], steps: list[int] | None, 
         "definition": UNIFORM_DEFINITION if is_uniform(coefficients) else WEIGHTED_DEFINITION,
         "scheme": {key: value for key, value in dataclasses.asdict(scheme).items() if value is not None},
         "members": [{"path": str(member.resolve()), "step": None if steps is None else steps[number],
-                     "coefficient": coefficient} for number, (member, coefficient) in enumerate(zip(members, coefficients))],
+                     "coefficient": coefficient}
+                    for number, (member, coefficient) in enumerate(zip(members, coefficients))],
         "effective_step": None if steps is None else effective_step(steps, coefficients),
         "dtype": dtype,
         "tensors": tensors,

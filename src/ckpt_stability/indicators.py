@@ -301,7 +301,8 @@ def _describe(proxy: str) -> dict:
     name, series = proxy.rsplit(" ", 1)
     method = series.rstrip("0123456789")
     kind = PROXY_KINDS.get(name.split(" ", 1)[0], "score")
-    return {"kind": kind, "method": method, "window": int(series[len(method):]), "task": name if kind == "score" else ""}
+    return {"kind": kind, "method": method, "window": int(series[len(method):]),
+            "task": name if kind == "score" else ""}
 
 
 def _accuracies(proxy: np.ndarray, target: np.ndarray, runs: np.ndarray) -> dict:
