@@ -3,6 +3,7 @@ command line, the report; and the --meta values keep their types."""
 
 import re
 
+import jsonschema
 import pytest
 import yaml
 
@@ -40,19 +41,38 @@ def test_the_config_offers_exactly_the_registrys_methods(tmp_path):
 
 @pytest.mark.parametrize("averaging, message", [
     ({"wsm": {"scheme": "wsm"}}, "averaging.wsm: shape None: a shape goes with scheme wsm, and scheme wsm needs one"),
-    ({"ema": {"scheme": "ema", "half_life": 0}}, "averaging.ema.half_life: 0 is less than or equal to the minimum"),
-    ({"avg": {"scheme": "ema", "half_life": 3}}, "averaging.avg: avg is the uniform mean"),
-    ({"vote": {"scheme": "uniform"}}, "averaging.vote: vote is a built-in method's name"),
     ({"wsm": {"scheme": "wsm", "shape": "1-sqrt", "windows": [3]}}, "averaging.wsm.windows: 3 is not one of windows"),
-    ({"ema2": {"scheme": "ema", "half_life": 3}}, "averaging: 'ema2' does not match"),
 ])
 def test_averaging_methods_are_checked_when_the_workflow_starts(tmp_path, averaging, message):
+    """Through the workflow, a mistake the registry finds and one the workflow's windows show (the schema's own
+    refusals, below, reach the user as every schema refusal does)."""
     config = yaml.safe_load((ROOT / "config" / "config.yaml").read_text())
     config.update(averaging=averaging, methods=["avg"])
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
     refused = snakemake(tmp_path, "--dry-run")
     assert refused.returncode != 0
     assert f"Invalid config in {tmp_path / 'config.yaml'}: {message}" in refused.stdout + refused.stderr
+
+
+@pytest.mark.parametrize("averaging, message", [
+    ({"ema": {"scheme": "ema", "half_life": 0}}, "0 is less than or equal to the minimum of 0"),
+    ({"ema2": {"scheme": "ema", "half_life": 3}}, "'ema2' does not match"),
+    ({"ema": {"scheme": "ema", "half_life": 3, "windows": [1]}}, "1 is less than the minimum of 2"),
+])
+def test_the_schema_refuses_bad_averaging_methods(averaging, message):
+    schema = yaml.safe_load((ROOT / "workflow" / "schemas" / "config.schema.yaml").read_text())
+    with pytest.raises(jsonschema.ValidationError, match=re.escape(message)):
+        jsonschema.validate({"runs": {"r": "c-{step}"}, "windows": [1], "averaging": averaging,
+                             "tasks": {"t": {"path": "t.json", "category": "C", "mode": "choice"}}}, schema)
+
+
+@pytest.mark.parametrize("averaging, message", [
+    ({"avg": {"scheme": "ema", "half_life": 3}}, "avg is the uniform mean"),
+    ({"vote": {"scheme": "uniform"}}, "vote is a built-in method's name"),
+])
+def test_avg_stays_uniform_and_built_in_names_stay_theirs(averaging, message):
+    with pytest.raises(ValueError, match=message):
+        registry(averaging)
 
 
 def test_raw_comes_first_and_every_method_is_produced_by_one_stage():
