@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-from ckpt_stability.averaging_schemes import UNIFORM, Scheme
+from ckpt_stability.averaging_schemes import Scheme
 
 EVALUATE = "evaluate"
 """Produced by evaluating a model (the checkpoint itself, or one built from the window's checkpoints)."""
